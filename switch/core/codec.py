@@ -1,0 +1,224 @@
+"""The codec seam around pyiso8583: bytes <-> (MTI, typed fields).
+
+This is the only module that imports ``iso8583``. It owns:
+- loading a dialect (``specs/*.json``) once and validating it;
+- turning field values into the types the rest of the switch uses: digit strings for
+  ``n`` / ``z`` fields (``z`` uses ``=`` as separator; on the wire it is nibble ``D``),
+  ``str`` for ``an`` / ``ans`` text (GBK where the dialect says so), ``bytes`` for ``b``;
+- padding fixed text fields on encode (left-justified, space-padded) and rejecting
+  non-digit nibbles on decode (protocol §3);
+- converting pyiso8583's errors into :class:`CodecError`, which names the field and offset
+  and carries whatever decoded before the failure.
+
+It must not know about transactions, terminals or sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import iso8583
+from iso8583.decoder import DecodeError
+from iso8583.encoder import EncodeError
+
+SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
+
+FieldValue = str | bytes
+Fields = dict[int, FieldValue]
+
+_FMTS = {"n", "z", "an", "ans", "b"}
+_DIGITS = frozenset("0123456789")
+_Z_DIGITS = frozenset("0123456789D")
+
+
+class SpecError(ValueError):
+    """A dialect file is missing, malformed or inconsistent."""
+
+
+class CodecError(ValueError):
+    """A message could not be decoded or encoded.
+
+    ``field`` is the pyiso8583 field key (``"t"``, ``"p"``, ``"35"``...), ``offset`` the byte
+    offset into the body where decoding failed (``-1`` for encode errors), ``partial`` the
+    fields that decoded cleanly before the failure (typed as in a successful decode).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        field: str,
+        offset: int = -1,
+        partial: Fields | None = None,
+        mti: str | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: field {field} offset {offset}")
+        self.reason = reason
+        self.field = field
+        self.offset = offset
+        self.partial: Fields = partial or {}
+        self.mti = mti
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A loaded, validated message dialect."""
+
+    name: str
+    fields: Mapping[str, Mapping[str, Any]]
+    framing: Mapping[str, Any] = field(default_factory=dict)
+
+    def fmt(self, key: int) -> str:
+        return str(self.fields[str(key)]["fmt"])
+
+
+def load_dialect(name_or_path: str | Path) -> Dialect:
+    """Load ``specs/<name>.json`` (or an explicit path) and validate it."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SPECS_DIR / f"{name_or_path}.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SpecError(f"dialect file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"dialect file {path} is not valid JSON: {exc}") from exc
+    fields = raw.get("fields")
+    if not isinstance(fields, dict):
+        raise SpecError(f"{path}: no 'fields' object")
+    for key in ("h", "t", "p"):
+        if key not in fields:
+            raise SpecError(f"{path}: field '{key}' missing")
+    for key, fs in fields.items():
+        for prop in ("data_enc", "len_enc", "len_type", "max_len"):
+            if prop not in fs:
+                raise SpecError(f"{path}: field {key} lacks '{prop}'")
+        if key in ("h", "t", "p"):
+            continue
+        if not key.isdigit() or not 2 <= int(key) <= 128:
+            raise SpecError(f"{path}: bad field key {key!r}")
+        if fs.get("fmt") not in _FMTS:
+            raise SpecError(f"{path}: field {key} has fmt {fs.get('fmt')!r}, expected one of {_FMTS}")
+        if not isinstance(fs["max_len"], int) or fs["max_len"] <= 0:
+            raise SpecError(f"{path}: field {key} max_len must be a positive int")
+        if fs["data_enc"] != "b":
+            try:
+                "".encode(fs["data_enc"])
+            except LookupError as exc:
+                raise SpecError(f"{path}: field {key} has unknown encoding {fs['data_enc']}") from exc
+    return Dialect(name=path.stem, fields=fields, framing=raw.get("framing", {}))
+
+
+class Codec:
+    """Encode and decode message bodies (MTI onwards) of one dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._spec = dialect.fields
+        self._mti_binary = self._spec["t"]["data_enc"] == "b"
+
+    # ---- decode -------------------------------------------------------------------------
+    def decode(self, body: bytes) -> tuple[str, Fields]:
+        try:
+            doc, _ = iso8583.decode(body, self._spec)
+        except DecodeError as exc:
+            partial = self._typed_partial(exc.doc_dec)
+            mti = exc.doc_dec.get("t") or None
+            raise CodecError(exc.msg, exc.field, exc.pos, partial, mti) from None
+        except KeyError as exc:
+            # a bit is set for a field the dialect does not define: its length is unknowable
+            raise CodecError("field not defined in dialect", str(exc.args[0]), -1, {}, None) from None
+        mti = doc.pop("t")
+        doc.pop("p", None)
+        doc.pop("h", None)
+        if not (len(mti) == 4 and set(mti) <= _DIGITS):
+            raise CodecError("MTI is not 4 digits", "t", 0, {}, None)
+        out: Fields = {}
+        for key, value in doc.items():
+            k = int(key)
+            try:
+                out[k] = self._from_wire(k, value)
+            except CodecError as exc:
+                exc.partial = {kk: vv for kk, vv in out.items()}
+                exc.mti = mti
+                # keep decoding what we can so the error carries every clean field
+                for key2, value2 in doc.items():
+                    k2 = int(key2)
+                    if k2 not in out and k2 != k:
+                        try:
+                            exc.partial[k2] = self._from_wire(k2, value2)
+                        except CodecError:
+                            pass
+                raise
+        return mti, out
+
+    def _typed_partial(self, doc: Mapping[str, str]) -> Fields:
+        out: Fields = {}
+        for key, value in doc.items():
+            if not key.isdigit() or not value:
+                continue
+            try:
+                out[int(key)] = self._from_wire(int(key), value)
+            except CodecError:
+                continue
+        return out
+
+    def _from_wire(self, key: int, value: str) -> FieldValue:
+        fs = self._spec[str(key)]
+        fmt = fs["fmt"]
+        if fmt == "b":
+            return bytes.fromhex(value)
+        if fmt == "n":
+            if not set(value) <= _DIGITS:
+                raise CodecError("non-digit in numeric field", str(key))
+            return value
+        if fmt == "z":
+            if not set(value) <= _Z_DIGITS:
+                raise CodecError("invalid nibble in track field", str(key))
+            return value.replace("D", "=")
+        return value
+
+    # ---- encode -------------------------------------------------------------------------
+    def encode(self, mti: str, fields: Mapping[int, FieldValue]) -> bytes:
+        doc: dict[str, str] = {"t": mti}
+        if self._spec["h"]["max_len"]:
+            doc["h"] = ""
+        for key, value in fields.items():
+            skey = str(key)
+            fs = self._spec.get(skey)
+            if fs is None:
+                raise CodecError("field not defined in dialect", skey)
+            doc[skey] = self._to_wire(key, fs, value)
+        try:
+            data, _ = iso8583.encode(doc, self._spec)
+        except EncodeError as exc:
+            raise CodecError(exc.msg, exc.field) from None
+        return bytes(data)
+
+    @staticmethod
+    def _to_wire(key: int, fs: Mapping[str, Any], value: FieldValue) -> str:
+        fmt = fs["fmt"]
+        if fmt == "b":
+            if not isinstance(value, (bytes, bytearray)):
+                raise CodecError("binary field needs bytes", str(key))
+            return bytes(value).hex().upper()
+        if not isinstance(value, str):
+            raise CodecError("text/numeric field needs str", str(key))
+        if fmt == "n":
+            if not set(value) <= _DIGITS:
+                raise CodecError("non-digit in numeric field", str(key))
+            if fs["len_type"] == 0 and len(value) < fs["max_len"]:
+                return value.zfill(fs["max_len"])  # fixed n is right-aligned (§3)
+            return value
+        if fmt == "z":
+            return value.replace("=", "D")
+        if fs["len_type"] == 0:
+            width = fs["max_len"]
+            enc = fs["data_enc"]
+            raw = value.encode(enc)
+            if len(raw) > width:
+                raise CodecError(f"text longer than {width} bytes", str(key))
+            return value + " " * (width - len(raw))
+        return value
