@@ -31,7 +31,7 @@ Fields = dict[int, FieldValue]
 
 _FMTS = {"n", "z", "an", "ans", "b"}
 _DIGITS = frozenset("0123456789")
-_Z_DIGITS = frozenset("0123456789D")
+_Z_DIGITS = frozenset("0123456789D=")  # BCD tracks use nibble D, ASCII tracks "="
 
 
 class SpecError(ValueError):
@@ -213,7 +213,7 @@ class Codec:
                 return value.zfill(fs["max_len"])  # fixed n is right-aligned (§3)
             return value
         if fmt == "z":
-            return value.replace("=", "D")
+            return value.replace("=", "D") if fs["data_enc"] == "b" else value
         if fs["len_type"] == 0:
             width = fs["max_len"]
             enc = fs["data_enc"]
