@@ -1,0 +1,200 @@
+"""Prometheus implementation of the ``switch.ports.Metrics`` port (protocol §15).
+
+Owns: the metric objects (names, types, labels, buckets) on a private
+``prometheus_client.CollectorRegistry`` and the text exposition of that registry.
+
+Must not: touch the process-global default registry (tests create many instances), do any I/O
+(serving ``/metrics`` is ``adapters/http_endpoint.py``'s job), hold business rules, or put a PAN,
+PIN, track, key or any other card data into a label (labels are transaction names, two-character
+response codes, issuer ids and fixed reason words only).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# End-to-end and issuer round trips: resolves 1-100 ms, the range the switch lives in.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# One journal commit (SQLite WAL ~100 µs, PostgreSQL a few ms, a slow disk much more).
+COMMIT_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+# Rows written by one commit (group commit: many requests share one fsync).
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+
+class PrometheusMetrics:
+    """The switch's metrics on their own registry.
+
+    Metrics (name, type, labels: meaning):
+
+    - ``switch_requests_total``, counter, ``transaction``, ``response_code``: terminal requests
+      answered, by transaction name (e.g. ``consume``) and the two-character F39 sent (§15).
+    - ``switch_request_duration_seconds``, histogram, ``transaction``: end-to-end time from a
+      decoded request to its encoded response.
+    - ``switch_issuer_request_duration_seconds``, histogram, ``issuer``, ``outcome``: time of one
+      issuer round trip; outcome is ``answered``, ``timeout`` or ``unavailable``.
+    - ``switch_issuer_requests_total``, counter, ``issuer``, ``outcome``: issuer round trips.
+    - ``switch_issuer_link_up``, gauge, ``issuer``: 1 while the link to the issuer is up, else 0.
+    - ``switch_issuer_late_replies_total``, counter, ``issuer``: issuer replies that arrived after
+      their request had timed out (or matched no request in flight).
+    - ``switch_connections_open``, gauge, no labels: terminal connections currently open.
+    - ``switch_connections_closed_total``, counter, ``reason``: terminal connections closed, by
+      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``frame_too_large``, ``bad_bitmap``,
+      ``bad_mti``, ``shutdown``, ...).
+    - ``switch_malformed_frames_total``, counter, ``reason``: frames that could not be decoded.
+    - ``switch_mac_failures_total``, counter, no labels: requests whose MAC (F64) did not verify.
+    - ``switch_journal_commit_seconds``, histogram, no labels: time of one journal commit.
+    - ``switch_journal_commit_batch_size``, histogram, no labels: journal rows per commit.
+    - ``switch_journal_commits_total``, counter, no labels: journal commits (= fsyncs); with
+      ``switch_requests_total`` it shows how well group commit batches.
+    - ``switch_requests_in_flight``, gauge, no labels: terminal requests being processed now.
+
+    Histograms expose ``_bucket``/``_count``/``_sum`` samples; counters expose ``_total`` (and the
+    client library's ``_created``) samples.
+    """
+
+    # What generate_latest() writes: the classic text format. prometheus-client >= 0.22 names
+    # 1.0.0 as CONTENT_TYPE_LATEST, but its own handlers still send 0.0.4 for this output.
+    content_type: str = CONTENT_TYPE_PLAIN_0_0_4
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry: CollectorRegistry = (
+            registry if registry is not None else CollectorRegistry()
+        )
+        r = self.registry
+        self._requests = Counter(
+            "switch_requests_total",
+            "Terminal requests answered, by transaction and F39 response code.",
+            ["transaction", "response_code"],
+            registry=r,
+        )
+        self._request_seconds = Histogram(
+            "switch_request_duration_seconds",
+            "End-to-end time to answer a terminal request.",
+            ["transaction"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._issuer_seconds = Histogram(
+            "switch_issuer_request_duration_seconds",
+            "Time of one issuer round trip, by issuer and outcome.",
+            ["issuer", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._issuer_requests = Counter(
+            "switch_issuer_requests_total",
+            "Issuer round trips, by issuer and outcome (answered/timeout/unavailable).",
+            ["issuer", "outcome"],
+            registry=r,
+        )
+        self._issuer_up = Gauge(
+            "switch_issuer_link_up",
+            "1 while the link to the issuer is up, else 0.",
+            ["issuer"],
+            registry=r,
+        )
+        self._issuer_late = Counter(
+            "switch_issuer_late_replies_total",
+            "Issuer replies that arrived after their request timed out.",
+            ["issuer"],
+            registry=r,
+        )
+        self._connections_open = Gauge(
+            "switch_connections_open",
+            "Terminal connections currently open.",
+            registry=r,
+        )
+        self._connections_closed = Counter(
+            "switch_connections_closed_total",
+            "Terminal connections closed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._malformed = Counter(
+            "switch_malformed_frames_total",
+            "Terminal frames that could not be decoded, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._mac_failures = Counter(
+            "switch_mac_failures_total",
+            "Terminal requests whose MAC did not verify.",
+            registry=r,
+        )
+        self._commit_seconds = Histogram(
+            "switch_journal_commit_seconds",
+            "Time of one journal commit.",
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        self._commit_batch = Histogram(
+            "switch_journal_commit_batch_size",
+            "Journal rows written by one commit.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self._commits = Counter(
+            "switch_journal_commits_total",
+            "Journal commits (fsyncs).",
+            registry=r,
+        )
+        self._in_flight = Gauge(
+            "switch_requests_in_flight",
+            "Terminal requests being processed now.",
+            registry=r,
+        )
+
+    # --- switch.ports.Metrics -------------------------------------------------------------
+
+    def request_completed(self, transaction: str, response_code: str, seconds: float) -> None:
+        self._requests.labels(transaction=transaction, response_code=response_code).inc()
+        self._request_seconds.labels(transaction=transaction).observe(seconds)
+
+    def issuer_request(self, issuer: str, outcome: str, seconds: float) -> None:
+        self._issuer_requests.labels(issuer=issuer, outcome=outcome).inc()
+        self._issuer_seconds.labels(issuer=issuer, outcome=outcome).observe(seconds)
+
+    def issuer_link_state(self, issuer: str, up: bool) -> None:
+        self._issuer_up.labels(issuer=issuer).set(1 if up else 0)
+
+    def issuer_late_reply(self, issuer: str) -> None:
+        self._issuer_late.labels(issuer=issuer).inc()
+
+    def connection_opened(self) -> None:
+        self._connections_open.inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self._connections_open.dec()
+        self._connections_closed.labels(reason=reason).inc()
+
+    def malformed_frame(self, reason: str) -> None:
+        self._malformed.labels(reason=reason).inc()
+
+    def mac_failure(self) -> None:
+        self._mac_failures.inc()
+
+    def journal_commit(self, batch_size: int, seconds: float) -> None:
+        self._commits.inc()
+        self._commit_batch.observe(batch_size)
+        self._commit_seconds.observe(seconds)
+
+    def in_flight(self, delta: int) -> None:
+        self._in_flight.inc(delta)
+
+    # --- exposition -----------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (``content_type``)."""
+        return generate_latest(self.registry)
