@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from switch.crypto import des
 from switch.crypto.des import (
     check_value,
     des_ecb_decrypt,
@@ -80,7 +79,7 @@ def test_generate_key_length_and_parity(length: int) -> None:
 def test_generate_key_rejects_equal_halves_and_weak_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     good = h("0123456789ABCDEFFEDCBA9876543210")
     batches = iter([h("22" * 16), h("0101010101010101") + good[8:], good])
-    monkeypatch.setattr(des.secrets, "token_bytes", lambda n: next(batches))
+    monkeypatch.setattr("switch.crypto.des.secrets.token_bytes", lambda n: next(batches))
     assert generate_key(16) == with_odd_parity(good)
 
 
