@@ -31,7 +31,9 @@ Fields = dict[int, FieldValue]
 
 _FMTS = {"n", "z", "an", "ans", "b"}
 _DIGITS = frozenset("0123456789")
-_Z_DIGITS = frozenset("0123456789D=")  # BCD tracks use nibble D, ASCII tracks "="
+# Track fields: BCD tracks use nibble D for "=", ASCII tracks "=". A TDK-encrypted track (§10.3)
+# holds any hex nibble, so z accepts A-F here and the pipeline checks the clear track's digits.
+_Z_DIGITS = frozenset("0123456789ABCDEF=")
 
 
 class SpecError(ValueError):
@@ -118,6 +120,10 @@ class Codec:
         self.dialect = dialect
         self._spec = dialect.fields
         self._mti_binary = self._spec["t"]["data_enc"] == "b"
+        undefined = {"data_enc": "b", "len_enc": "b", "len_type": 0, "max_len": 1 << 20, "fmt": "b"}
+        self._probe_spec = dict(self._spec)
+        for i in range(2, 129):
+            self._probe_spec.setdefault(str(i), undefined)
 
     # ---- decode -------------------------------------------------------------------------
     def decode(self, body: bytes) -> tuple[str, Fields]:
@@ -128,7 +134,16 @@ class Codec:
             mti = exc.doc_dec.get("t") or None
             raise CodecError(exc.msg, exc.field, exc.pos, partial, mti) from None
         except KeyError as exc:
-            # a bit is set for a field the dialect does not define: its length is unknowable
+            # A bit is set for a field the dialect does not define: its length is unknowable.
+            # Decode again with such fields made impossible to satisfy, which stops at that
+            # field with everything before it decoded (so F11/F41 can still earn a 30).
+            try:
+                iso8583.decode(body, self._probe_spec)
+            except DecodeError as probe:
+                raise CodecError(
+                    "field not defined in dialect", probe.field, probe.pos,
+                    self._typed_partial(probe.doc_dec), probe.doc_dec.get("t") or None,
+                ) from None
             raise CodecError("field not defined in dialect", str(exc.args[0]), -1, {}, None) from None
         mti = doc.pop("t")
         doc.pop("p", None)
@@ -157,7 +172,7 @@ class Codec:
     def _typed_partial(self, doc: Mapping[str, str]) -> Fields:
         out: Fields = {}
         for key, value in doc.items():
-            if not key.isdigit() or not value:
+            if not key.isdigit() or not value or key not in self._spec:
                 continue
             try:
                 out[int(key)] = self._from_wire(int(key), value)

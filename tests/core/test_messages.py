@@ -182,12 +182,6 @@ def test_non_digit_in_f4_is_answered_with_the_rest_decoded() -> None:
     assert bad.partial[60] == "22000001000"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec.decode turns pyiso8583's KeyError for a bit with no field spec into "
-    "CodecError(partial={}), dropping F11/F41 that decoded before it, so read_request closes "
-    "instead of answering 30 (§12.1 step 1)",
-)
 def test_undefined_field_after_f41_is_answered_not_closed() -> None:
     body = bytearray(CONSUME_FRAME.body)
     body[2 + 5] |= 0x08  # bit 45: not defined in specs/terminal.json, comes after F11 and F41
