@@ -1,0 +1,325 @@
+"""The switch's links to its issuers: one persistent TCP connection per issuer (specs/issuer.md).
+
+Owns: the issuer dialect's codec (loaded once), host-to-host framing (2-byte big-endian length,
+no header), the link's STAN counter and F7 stamp, matching replies to waiting requests by F11,
+reconnecting forever with capped backoff, and reporting link state, per-request outcomes, late
+replies and malformed frames to Metrics. Also ``InMemoryIssuerLink`` for pipeline unit tests.
+
+It must not hold business rules (what to send, what a response code means, when to reverse) and
+must never log a PAN, track, PIN block or key: log lines carry the issuer, MTI and STAN only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Protocol
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from switch.core.codec import Codec, CodecError, Fields, load_dialect
+from switch.ports import IssuerTimeout, IssuerUnavailable, Metrics
+
+log = logging.getLogger(__name__)
+
+LENGTH_PREFIX = 2
+STAN_MAX = 999_999
+CONNECT_TIMEOUT = 5.0
+MAX_RECONNECT_DELAY = 5.0
+
+
+@functools.cache
+def issuer_codec() -> Codec:
+    """The issuer host-to-host codec, ``load_dialect("issuer")`` loaded once per process."""
+    return Codec(load_dialect("issuer"))
+
+
+def max_frame(codec: Codec) -> int:
+    return int(codec.dialect.framing.get("max_frame", 4096))
+
+
+class FrameTooLarge(ValueError):
+    """A length prefix announced more than ``max_frame`` bytes."""
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix ``body`` with its 2-byte big-endian length."""
+    if len(body) > 0xFFFF:
+        raise FrameTooLarge(f"body of {len(body)} bytes cannot be framed")
+    return len(body).to_bytes(LENGTH_PREFIX, "big") + body
+
+
+async def receive_frame(reader: BufferedByteReceiveStream, limit: int) -> bytes:
+    """Read one frame's body. Raises anyio.IncompleteRead at end of stream, FrameTooLarge."""
+    size = int.from_bytes(await reader.receive_exactly(LENGTH_PREFIX), "big")
+    if size > limit:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds {limit}")
+    return await reader.receive_exactly(size)
+
+
+def transmission_datetime(now: datetime | None = None) -> str:
+    """F7: MMDDhhmmss in UTC."""
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%m%d%H%M%S")
+
+
+def response_mti(mti: str) -> str:
+    """Request MTI + 10 (0200 -> 0210)."""
+    return mti[:2] + str(int(mti[2]) + 1) + mti[3]
+
+
+class _StanCounter:
+    """1..999999, wrapping, skipping STANs still in flight."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self, in_flight: dict[str, _Waiter]) -> str:
+        for _ in range(STAN_MAX):
+            self._last = self._last % STAN_MAX + 1
+            stan = f"{self._last:06d}"
+            if stan not in in_flight:
+                return stan
+        raise IssuerUnavailable("no free STAN: 999999 requests in flight")
+
+
+@dataclass
+class _Waiter:
+    request_mti: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    reply: tuple[str, Fields] | None = None
+    error: Exception | None = None
+
+
+def _stamp(fields: Fields, stans: _StanCounter, in_flight: dict[str, _Waiter]) -> str:
+    """Set F11 (if absent) and F7 (if absent) in ``fields``; return the STAN."""
+    stan = fields.get(11)
+    if stan is None:
+        stan = stans.next(in_flight)
+        fields[11] = stan
+    elif not isinstance(stan, str) or stan in in_flight:
+        raise ValueError(f"F11 {stan!r} is not a free STAN on this link")
+    fields.setdefault(7, transmission_datetime())
+    return stan
+
+
+class TcpIssuerLink:
+    """``switch.ports.IssuerLink`` over one persistent TCP connection.
+
+    Start ``run`` in the application's task group: it reports started at once (a dead issuer
+    never blocks start-up), then connects, reads replies and reconnects forever. ``send`` may be
+    called from many tasks at once; replies are matched by F11, in any order.
+
+    A connection that drops while requests are in flight fails them with IssuerTimeout: they were
+    written, so their outcome at the issuer is unknown and the caller must treat them like a
+    timeout (reverse the reversible ones).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        codec: Codec | None = None,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = MAX_RECONNECT_DELAY,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self._metrics = metrics
+        self._codec = codec or issuer_codec()
+        self._reconnect_delay = reconnect_delay
+        self._max_reconnect_delay = max(max_reconnect_delay, reconnect_delay)
+        self._stream: anyio.abc.SocketStream | None = None
+        self._write_lock = anyio.Lock()
+        self._pending: dict[str, _Waiter] = {}
+        self._stans = _StanCounter()
+        self._up_event = anyio.Event()
+
+    # ---- state ----------------------------------------------------------------------------
+    @property
+    def is_up(self) -> bool:
+        return self._stream is not None
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the link to be connected; return ``is_up``."""
+        with anyio.move_on_after(timeout):
+            while not self.is_up:  # bounded by the timeout scope
+                await self._up_event.wait()
+        return self.is_up
+
+    # ---- connection loop ------------------------------------------------------------------
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, read, reconnect, until cancelled. Reports started before the first connect."""
+        task_status.started()
+        delay = self._reconnect_delay
+        while True:  # runs for the life of the application; cancelled by its task group
+            try:
+                with anyio.fail_after(CONNECT_TIMEOUT):
+                    stream = await anyio.connect_tcp(self.host, self.port)
+            except (OSError, TimeoutError) as exc:
+                log.info("issuer %s: connect to %s:%s failed (%s), retry in %.2fs",
+                         self.name, self.host, self.port, type(exc).__name__, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self._max_reconnect_delay)
+                continue
+            delay = self._reconnect_delay
+            await self._serve(stream)
+            await anyio.sleep(self._reconnect_delay)
+
+    async def _serve(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            self._stream = stream
+            self._metrics.issuer_link_state(self.name, True)
+            log.info("issuer %s: link up (%s:%s)", self.name, self.host, self.port)
+            self._up_event.set()
+            reason = "closed by issuer"
+            try:
+                reader = BufferedByteReceiveStream(stream)
+                limit = max_frame(self._codec)
+                while True:  # one iteration per frame; ends when the connection does
+                    body = await receive_frame(reader, limit)
+                    self._on_frame(body)
+            except FrameTooLarge as exc:
+                reason = str(exc)
+                self._metrics.malformed_frame("issuer")
+            except (anyio.IncompleteRead, anyio.EndOfStream):
+                pass
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                reason = type(exc).__name__
+            finally:
+                self._stream = None
+                self._up_event = anyio.Event()
+                dropped = list(self._pending.values())
+                for waiter in dropped:
+                    if not waiter.done.is_set():
+                        waiter.error = IssuerTimeout(f"{self.name}: link dropped with the request in flight")
+                        waiter.done.set()
+                self._metrics.issuer_link_state(self.name, False)
+                log.warning("issuer %s: link down (%s), %d request(s) in flight failed",
+                            self.name, reason, len(dropped))
+
+    def _on_frame(self, body: bytes) -> None:
+        try:
+            mti, fields = self._codec.decode(body)
+        except CodecError as exc:
+            self._metrics.malformed_frame("issuer")
+            log.warning("issuer %s: undecodable reply (%s), dropped", self.name, exc)
+            return
+        stan = fields.get(11)
+        waiter = self._pending.get(stan) if isinstance(stan, str) else None
+        if waiter is None or waiter.done.is_set():
+            self._metrics.issuer_late_reply(self.name)
+            log.warning("issuer %s: late or unknown reply %s STAN %s, dropped", self.name, mti, stan)
+            return
+        if mti != response_mti(waiter.request_mti):
+            self._metrics.malformed_frame("issuer")
+            log.warning("issuer %s: reply %s to request %s STAN %s, dropped",
+                        self.name, mti, waiter.request_mti, stan)
+            return
+        waiter.reply = (mti, fields)
+        waiter.done.set()
+
+    # ---- requests -------------------------------------------------------------------------
+    async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
+        """See ``switch.ports.IssuerLink.send``. F11/F7 are written into ``fields``."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            reply = await self._send(mti, fields, timeout)
+            outcome = "ok"
+            return reply
+        except IssuerUnavailable:
+            outcome = "unavailable"
+            raise
+        except IssuerTimeout:
+            outcome = "timeout"
+            raise
+        finally:
+            self._metrics.issuer_request(self.name, outcome, time.perf_counter() - started)
+
+    async def _send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
+        stream = self._stream
+        if stream is None:
+            raise IssuerUnavailable(f"{self.name}: link down")
+        stan = _stamp(fields, self._stans, self._pending)
+        data = frame(self._codec.encode(mti, fields))
+        waiter = _Waiter(mti)
+        self._pending[stan] = waiter
+        writing = False
+        written = False
+        try:
+            with anyio.move_on_after(timeout):
+                async with self._write_lock:
+                    if self._stream is not stream:
+                        raise IssuerUnavailable(f"{self.name}: link down")
+                    writing = True
+                    try:
+                        await stream.send(data)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                        raise IssuerUnavailable(f"{self.name}: write failed ({type(exc).__name__})") from exc
+                    written = True
+                await waiter.done.wait()
+            if waiter.reply is not None:
+                return waiter.reply
+            if waiter.error is not None:
+                raise waiter.error
+            if writing and not written:
+                # cancelled mid-write: the frame may be half sent, so the stream is unusable
+                await stream.aclose()
+            elif not written:
+                raise IssuerUnavailable(f"{self.name}: could not write within {timeout}s")
+            log.warning("issuer %s: no reply to %s STAN %s within %.2fs", self.name, mti, stan, timeout)
+            raise IssuerTimeout(f"{self.name}: no reply within {timeout}s")
+        finally:
+            if self._pending.get(stan) is waiter:
+                del self._pending[stan]
+
+
+class MessageHandler(Protocol):
+    """What ``InMemoryIssuerLink`` wraps: a mock issuer's pure handler (None = no answer)."""
+
+    def handle(self, mti: str, fields: Fields) -> tuple[str, Fields] | None: ...
+
+
+class InMemoryIssuerLink:
+    """An IssuerLink that calls a mock issuer's handler directly (pipeline unit tests).
+
+    Messages still go through the issuer codec both ways, so a field the dialect cannot carry
+    fails here as it would on the wire. A handler that does not answer gives IssuerTimeout at
+    once (no waiting); ``up = False`` gives IssuerUnavailable.
+    """
+
+    def __init__(self, name: str, handler: MessageHandler, codec: Codec | None = None) -> None:
+        self.name = name
+        self.up = True
+        self._handler = handler
+        self._codec = codec or issuer_codec()
+        self._stans = _StanCounter()
+        self.sent: list[tuple[str, Fields]] = []
+
+    @property
+    def is_up(self) -> bool:
+        return self.up
+
+    async def wait_up(self, timeout: float) -> bool:
+        return self.up
+
+    async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
+        if not self.up:
+            raise IssuerUnavailable(f"{self.name}: link down")
+        _stamp(fields, self._stans, {})
+        req_mti, req_fields = self._codec.decode(self._codec.encode(mti, fields))
+        self.sent.append((req_mti, dict(req_fields)))
+        await anyio.lowlevel.checkpoint()
+        reply = self._handler.handle(req_mti, req_fields)
+        if reply is None:
+            raise IssuerTimeout(f"{self.name}: no reply")
+        return self._codec.decode(self._codec.encode(*reply))
