@@ -97,7 +97,7 @@ def load_dialect(name_or_path: str | Path) -> Dialect:
         for prop in ("data_enc", "len_enc", "len_type", "max_len"):
             if prop not in fs:
                 raise SpecError(f"{path}: field {key} lacks '{prop}'")
-        if key in ("h", "t", "p"):
+        if key in ("h", "t", "p", "1"):  # "1": secondary bitmap
             continue
         if not key.isdigit() or not 2 <= int(key) <= 128:
             raise SpecError(f"{path}: bad field key {key!r}")

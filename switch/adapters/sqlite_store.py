@@ -1,0 +1,404 @@
+"""SQLite (WAL) store: merchants, terminals, keys (encrypted under the master key), the
+authorization journal, and counters.
+
+Writes go through one writer task that group-commits: every write waiting when a commit starts
+shares that one transaction (and its fsync), and each waiter is released only after the commit
+returned, so a response is never sent before its journal row is durable. Reads of merchants and
+terminals happen once at start (the pipeline keeps them in memory and writes changes through).
+
+Holds no business rules: what to write is the pipeline's decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import anyio
+
+from switch.crypto.keystore import MasterKey
+from switch.domain.model import Merchant, Terminal
+from switch.ports import Metrics, NullMetrics
+
+log = logging.getLogger("switch.store")
+
+SCHEMA_VERSION = 1
+RRN_BLOCK = 1000
+
+MIGRATIONS: list[str] = [
+    # v1
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE merchants (
+        mid TEXT PRIMARY KEY, kind TEXT NOT NULL, shop_name TEXT NOT NULL, state TEXT NOT NULL,
+        fee_rate TEXT NOT NULL, monthly_limit_fen INTEGER NOT NULL, params_version INTEGER NOT NULL
+    );
+    CREATE TABLE terminals (
+        tid TEXT PRIMARY KEY, mid TEXT NOT NULL REFERENCES merchants(mid), role TEXT NOT NULL,
+        main_tid TEXT, state TEXT NOT NULL, tmk BLOB, key_mode TEXT, pik BLOB, mak BLOB, tdk BLOB,
+        batch_no INTEGER NOT NULL DEFAULT 1, batch_date TEXT, params_version INTEGER NOT NULL DEFAULT 0,
+        activation_code_hash TEXT, activation_expires REAL
+    );
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL, business_date TEXT NOT NULL,
+        tid TEXT NOT NULL, mid TEXT NOT NULL, mti TEXT NOT NULL, txn TEXT NOT NULL,
+        pcode TEXT, stan TEXT, batch TEXT, rrn TEXT, auth_code TEXT, response_code TEXT NOT NULL,
+        amount_fen INTEGER, fee_fen INTEGER, currency TEXT,
+        pan_masked TEXT, pan_token TEXT, entry_mode TEXT,
+        issuer TEXT, issuer_stan TEXT, issuer_f7 TEXT, issuer_response_code TEXT,
+        needs_reversal INTEGER NOT NULL DEFAULT 0,
+        request_digest TEXT, latency_us INTEGER, issuer_latency_us INTEGER, note TEXT
+    );
+    CREATE TABLE issuer_keys (issuer TEXT PRIMARY KEY, zpk BLOB NOT NULL);
+    CREATE INDEX journal_rrn ON journal(rrn);
+    CREATE INDEX journal_tid_batch_stan ON journal(tid, batch, stan);
+    CREATE INDEX journal_date ON journal(business_date);
+    """,
+]
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass
+class JournalEntry:
+    """One row of the authorization journal. Never holds a PIN block, track, CVV or key."""
+
+    created_at: str
+    business_date: str
+    tid: str
+    mid: str
+    mti: str
+    txn: str
+    response_code: str
+    pcode: str | None = None
+    stan: str | None = None
+    batch: str | None = None
+    rrn: str | None = None
+    auth_code: str | None = None
+    amount_fen: int | None = None
+    fee_fen: int | None = None
+    currency: str | None = None
+    pan_masked: str | None = None
+    pan_token: str | None = None
+    entry_mode: str | None = None
+    issuer: str | None = None
+    issuer_stan: str | None = None
+    issuer_f7: str | None = None
+    issuer_response_code: str | None = None
+    needs_reversal: bool = False
+    request_digest: str | None = None
+    latency_us: int | None = None
+    issuer_latency_us: int | None = None
+    note: str | None = None
+
+    COLUMNS = (
+        "created_at", "business_date", "tid", "mid", "mti", "txn", "response_code", "pcode", "stan",
+        "batch", "rrn", "auth_code", "amount_fen", "fee_fen", "currency", "pan_masked", "pan_token",
+        "entry_mode", "issuer", "issuer_stan", "issuer_f7", "issuer_response_code", "needs_reversal",
+        "request_digest", "latency_us", "issuer_latency_us", "note",
+    )
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(int(v) if isinstance(v, bool) else v for v in (getattr(self, c) for c in self.COLUMNS))
+
+
+_INSERT_JOURNAL = (
+    f"INSERT INTO journal ({', '.join(JournalEntry.COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in JournalEntry.COLUMNS)})"
+)
+
+Op = Callable[[sqlite3.Connection], None]
+
+
+@dataclass
+class _Pending:
+    ops: list[Op]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+
+class SqliteStore:
+    def __init__(self, path: Path, master_key: MasterKey, metrics: Metrics | None = None) -> None:
+        self.path = Path(path)
+        self.master_key = master_key
+        self.metrics: Metrics = metrics or NullMetrics()
+        self._db: sqlite3.Connection | None = None
+        self._queue: list[_Pending] = []
+        self._wakeup = anyio.Event()
+        self._closing = False
+        self._rrn_next = 0
+        self._rrn_limit = 0
+        self._pan_key = b""
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        self._db = db
+        self._migrate()
+        self._check_master_key()
+        self._pan_key = self._load_pan_token_key()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    def _migrate(self) -> None:
+        db = self.db
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        version = 0
+        if has_meta:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema version {version} is newer than this switch ({SCHEMA_VERSION}); upgrade the switch"
+            )
+        for v in range(version, SCHEMA_VERSION):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (str(v + 1),)
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _check_master_key(self) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='master_key_id'").fetchone()
+        if row is None:
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES('master_key_id', ?)", (self.master_key.key_id,)
+            )
+        elif row[0] != self.master_key.key_id:
+            raise StoreError(
+                f"the master key (id {self.master_key.key_id}) is not the one this store was written "
+                f"with (id {row[0]}): refusing to start"
+            )
+
+    def _load_pan_token_key(self) -> bytes:
+        row = self.db.execute("SELECT value FROM meta WHERE key='pan_token_key'").fetchone()
+        if row is not None:
+            return self.master_key.unwrap(bytes.fromhex(row[0]), "pan-token-key")
+        key = os.urandom(32)
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES('pan_token_key', ?)",
+            (self.master_key.wrap(key, "pan-token-key").hex(),),
+        )
+        return key
+
+    def writable(self) -> bool:
+        """For /readyz: the database file can take a write (checked without blocking writers)."""
+        if self._db is None or self._closing:
+            return False
+        return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+
+    # ---- sync reads (start-up, tests, CLI) ------------------------------------------------
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT COUNT(*) FROM merchants").fetchone()[0] == 0
+
+    def load_merchants(self) -> dict[str, Merchant]:
+        out = {}
+        for mid, kind, name, state, rate, limit, pv in self.db.execute(
+            "SELECT mid, kind, shop_name, state, fee_rate, monthly_limit_fen, params_version FROM merchants"
+        ):
+            out[mid] = Merchant(mid, kind, name, state, Decimal(rate), int(limit), int(pv))
+        return out
+
+    def load_terminals(self) -> dict[str, Terminal]:
+        out = {}
+        for row in self.db.execute(
+            "SELECT tid, mid, role, main_tid, state, tmk, key_mode, pik, mak, tdk, batch_no, batch_date,"
+            " params_version FROM terminals"
+        ):
+            tid, mid, role, main_tid, state, tmk, mode, pik, mak, tdk, batch_no, batch_date, pv = row
+            out[tid] = Terminal(
+                tid, mid, role, main_tid, state,
+                tmk=self._unwrap(tmk, f"tmk:{tid}"),
+                key_mode=mode,
+                pik=self._unwrap(pik, f"pik:{tid}"),
+                mak=self._unwrap(mak, f"mak:{tid}"),
+                tdk=self._unwrap(tdk, f"tdk:{tid}"),
+                batch_no=int(batch_no), batch_date=batch_date, params_version=int(pv),
+            )
+        return out
+
+    def load_zone_pin_keys(self) -> dict[str, bytes]:
+        return {
+            issuer: self.master_key.unwrap(blob, f"zpk:{issuer}")
+            for issuer, blob in self.db.execute("SELECT issuer, zpk FROM issuer_keys")
+        }
+
+    def set_zone_pin_key(self, issuer: str, zpk: bytes) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO issuer_keys VALUES (?, ?)", (issuer, self.master_key.wrap(zpk, f"zpk:{issuer}"))
+        )
+
+    def journal(self, where: str = "1=1", params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        cur = self.db.execute(f"SELECT * FROM journal WHERE {where} ORDER BY id", tuple(params))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    # ---- sync writes used at set-up (demo fixture, CLI) -----------------------------------
+    def add_merchant(self, m: Merchant) -> None:
+        self.db.execute(
+            "INSERT INTO merchants VALUES (?,?,?,?,?,?,?)",
+            (m.mid, m.kind, m.shop_name, m.state, str(m.fee_rate), m.monthly_limit_fen, m.params_version),
+        )
+
+    def add_terminal(self, t: Terminal, activation_code: str | None = None, expires: float | None = None) -> None:
+        code_hash = hashlib.sha256(activation_code.encode()).hexdigest() if activation_code else None
+        self.db.execute(
+            "INSERT INTO terminals (tid, mid, role, main_tid, state, tmk, batch_no, params_version,"
+            " activation_code_hash, activation_expires) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (t.tid, t.mid, t.role, t.main_tid, t.state, self._wrap(t.tmk, f"tmk:{t.tid}"), t.batch_no,
+             t.params_version, code_hash, expires),
+        )
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _wrap(self, key: bytes | None, context: str) -> bytes | None:
+        return None if key is None else self.master_key.wrap(key, context)
+
+    def _unwrap(self, blob: bytes | None, context: str) -> bytes | None:
+        return None if blob is None else self.master_key.unwrap(blob, context)
+
+    def pan_token(self, pan: str) -> str:
+        """A keyed hash of the PAN: lets later lookups match a card without storing it."""
+        return hmac.new(self._pan_key, pan.encode(), hashlib.sha256).hexdigest()[:32]
+
+    # ---- ops for the writer -----------------------------------------------------------------
+    def op_journal(self, entry: JournalEntry) -> Op:
+        row = entry.row()
+        return lambda db: db.execute(_INSERT_JOURNAL, row) and None
+
+    def op_terminal_keys(self, t: Terminal) -> Op:
+        args = (
+            t.key_mode, self._wrap(t.pik, f"pik:{t.tid}"), self._wrap(t.mak, f"mak:{t.tid}"),
+            self._wrap(t.tdk, f"tdk:{t.tid}"), t.tid,
+        )
+        return lambda db: db.execute(
+            "UPDATE terminals SET key_mode=?, pik=?, mak=?, tdk=? WHERE tid=?", args
+        ) and None
+
+    def op_terminal_batch(self, t: Terminal) -> Op:
+        args = (t.batch_no, t.batch_date, t.params_version, t.tid)
+        return lambda db: db.execute(
+            "UPDATE terminals SET batch_no=?, batch_date=?, params_version=? WHERE tid=?", args
+        ) and None
+
+    # ---- the group-committing writer --------------------------------------------------------
+    async def write(self, *ops: Op) -> None:
+        """Apply ``ops`` in the next group commit; returns once they are durable."""
+        if self._closing:
+            raise StoreError("store is closing")
+        p = _Pending(list(ops))
+        self._queue.append(p)
+        self._wakeup.set()
+        with anyio.CancelScope(shield=True):
+            await p.done.wait()
+        if p.error is not None:
+            raise StoreError("journal write failed") from p.error
+
+    async def run_writer(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The writer task. Drains the queue after cancellation so no accepted write is lost."""
+        task_status.started()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                await self._flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._closing = True
+                while self._queue:
+                    await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        await anyio.to_thread.run_sync(self._commit, batch)
+        for p in batch:
+            p.done.set()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        db = self.db
+        t0 = time.perf_counter()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for p in batch:
+                for op in p.ops:
+                    op(db)
+            db.execute("COMMIT")
+        except BaseException as exc:  # a failing batch: retry each request alone
+            log.exception("group commit failed; retrying one by one")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for p in batch:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    for op in p.ops:
+                        op(db)
+                    db.execute("COMMIT")
+                except BaseException as exc2:
+                    p.error = exc2
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+            if all(p.error for p in batch):
+                log.error("journal write failed: %s", type(exc).__name__)
+        self.metrics.journal_commit(len(batch), time.perf_counter() - t0)
+
+    # ---- RRN --------------------------------------------------------------------------------
+    async def next_rrn(self) -> str:
+        """12 digits, unique per store: a persistent counter handed out in reserved blocks."""
+        if self._rrn_next >= self._rrn_limit:
+            await self._reserve_rrn_block()
+        n = self._rrn_next
+        self._rrn_next += 1
+        return f"{n:012d}"
+
+    async def _reserve_rrn_block(self) -> None:
+        got: list[int] = []
+
+        def op(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT value FROM meta WHERE key='rrn_next'").fetchone()
+            start = int(row[0]) if row else 1
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('rrn_next', ?)", (str(start + RRN_BLOCK),)
+            )
+            got.append(start)
+
+        await self.write(op)
+        if self._rrn_next >= self._rrn_limit:
+            self._rrn_next, self._rrn_limit = got[0], got[0] + RRN_BLOCK

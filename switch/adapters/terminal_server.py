@@ -1,0 +1,142 @@
+"""The terminal-facing TCP server (protocol §1): moves bytes between sockets and the sans-IO
+framer, hands each frame to the transaction manager, writes responses as soon as they are
+ready (several in flight per connection, answered in any order).
+
+Timeouts: a connection with no partial frame is closed after ``idle_timeout``; one stalled
+mid-frame after ``read_timeout``; a LEN above ``max_frame`` closes at once. Every close is
+logged and counted by reason. Graceful shutdown: stop accepting, stop reading, let in-flight
+requests finish and send their answers (bounded by ``drain_timeout``).
+
+Holds no business rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from switch.core.framing import Frame, FrameReader, FramingError
+from switch.ports import Metrics
+
+log = logging.getLogger("switch.server")
+
+Handler = Callable[[Frame], Awaitable[bytes | None]]
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    idle_timeout: float = 60.0
+    read_timeout: float = 10.0
+    max_frame: int = 2048
+    max_in_flight_per_connection: int = 32
+    drain_timeout: float = 10.0
+
+
+class _Closed(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class TerminalServer:
+    def __init__(self, settings: ServerSettings, handler: Handler, metrics: Metrics) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.metrics = metrics
+        self.port: int | None = None
+        self._stop_reading = anyio.Event()
+        self._accept_scope: anyio.CancelScope | None = None
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host=self.settings.host, local_port=self.settings.port)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as connections:
+            with anyio.CancelScope() as scope:
+                self._accept_scope = scope
+                task_status.started(self.port)
+                log.info("terminal port listening on %s:%s", self.settings.host, self.port)
+                async with listener:
+                    await listener.serve(self._connection, task_group=connections)
+            # accepting stopped (shutdown): connections drain inside the task group
+
+    def shutdown(self) -> None:
+        """Stop accepting and reading; in-flight requests finish and are answered."""
+        self._stop_reading.set()
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        s = self.settings
+        reader = FrameReader(s.max_frame)
+        write_lock = anyio.Lock()
+        slots = anyio.Semaphore(s.max_in_flight_per_connection)
+        closing = anyio.Event()  # set when a handler decided the connection must close
+        reason = "peer"
+        self.metrics.connection_opened()
+
+        async def respond(frame: Frame) -> None:
+            try:
+                data = await self.handler(frame)
+                if data is None:  # §2/§12.1: bit 1, bad MTI, undecodable: closed and counted
+                    closing.set()
+                    return
+                async with write_lock:
+                    await stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                closing.set()
+            finally:
+                slots.release()
+
+        try:
+            async with anyio.create_task_group() as handlers:
+                with anyio.CancelScope() as read_scope:
+
+                    async def watch_stop() -> None:
+                        await self._stop_reading.wait()
+                        read_scope.cancel()
+
+                    async def watch_closing() -> None:
+                        await closing.wait()
+                        read_scope.cancel()
+
+                    handlers.start_soon(watch_stop)
+                    handlers.start_soon(watch_closing)
+                    try:
+                        while True:
+                            timeout = s.read_timeout if reader.mid_frame else s.idle_timeout
+                            with anyio.move_on_after(timeout if timeout > 0 else math.inf) as t:
+                                chunk = await stream.receive(65536)
+                            if t.cancelled_caught:
+                                raise _Closed("read_timeout" if reader.mid_frame else "idle_timeout")
+                            reader.receive_data(chunk)
+                            while (frame := reader.next_frame()) is not None:
+                                await slots.acquire()
+                                handlers.start_soon(respond, frame)
+                    except FramingError as exc:
+                        reason = exc.reason
+                        self.metrics.malformed_frame(exc.reason)
+                    except _Closed as exc:
+                        reason = exc.reason
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        reason = "peer"
+                if closing.is_set():
+                    reason = "protocol"
+                elif self._stop_reading.is_set():
+                    reason = "shutdown"
+                # wait for in-flight handlers (bounded), then stop the watchers
+                with anyio.move_on_after(s.drain_timeout):
+                    for _ in range(s.max_in_flight_per_connection):
+                        await slots.acquire()
+                handlers.cancel_scope.cancel()
+        finally:
+            if reason != "peer":
+                log.info("closing terminal connection: %s", reason)
+            self.metrics.connection_closed(reason)
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()

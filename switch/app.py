@@ -1,0 +1,234 @@
+"""Composition root: settings -> adapters -> pipeline -> one task group.
+
+``run_switch`` opens the store, starts the journal writer, the issuer links, the metrics
+endpoint and, once the required issuer links are up, the terminal port. SIGTERM / SIGINT
+drain it: stop accepting, finish in-flight requests, flush the journal, then stop.
+``run_demo`` adds the demo fixture (protocol §14) and the mock issuers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import anyio
+import anyio.abc
+
+from switch import demo_fixture
+from switch.adapters.http_endpoint import serve_http
+from switch.adapters.issuer_link import TcpIssuerLink
+from switch.adapters.prometheus import PrometheusMetrics
+from switch.adapters.sqlite_store import SqliteStore
+from switch.adapters.terminal_server import ServerSettings, TerminalServer
+from switch.core.codec import Codec, load_dialect
+from switch.crypto.keystore import MasterKey
+from switch.domain.cards import IssuerRoute, RoutingTable
+from switch.domain.model import Merchant, Terminal
+from switch.pipeline.context import Settings, SwitchState
+from switch.pipeline.manager import TransactionManager
+
+log = logging.getLogger("switch.app")
+
+
+@dataclass
+class IssuerEndpoint:
+    name: str
+    host: str
+    port: int
+    prefixes: tuple[str, ...]
+
+
+@dataclass
+class AppConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 5000
+    metrics_port: int = 9100
+    issuer_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    read_timeout: float = 10.0
+    max_frame: int = 2048
+    drain_timeout: float = 10.0
+    link_start_timeout: float = 10.0
+    issuers: list[IssuerEndpoint] = field(default_factory=list)
+    wait_for_links: tuple[str, ...] = ()  # links that must be up before the terminal port opens
+
+
+@dataclass
+class Running:
+    port: int
+    metrics_port: int
+    store: SqliteStore
+    metrics: PrometheusMetrics
+    shutdown: Callable[[], None]
+
+
+def load_master_key(data_dir: Path, create: bool) -> MasterKey:
+    key_file = data_dir / "master.key"
+    if "SWITCH_MASTER_KEY" not in os.environ and not key_file.exists() and create:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return MasterKey.create_file(key_file)
+    return MasterKey.load(os.environ, key_file if key_file.exists() else None)
+
+
+async def run_switch(
+    cfg: AppConfig,
+    master_key: MasterKey,
+    *,
+    seed: Callable[[SqliteStore], None] | None = None,
+    handle_signals: bool = True,
+    task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    metrics = PrometheusMetrics()
+    store = SqliteStore(cfg.data_dir / "switch.db", master_key, metrics)
+    store.open()
+    try:
+        if seed is not None and store.is_empty():
+            seed(store)
+        links = {e.name: TcpIssuerLink(e.name, e.host, e.port, metrics) for e in cfg.issuers}
+        routes = RoutingTable([IssuerRoute(p, e.name) for e in cfg.issuers for p in e.prefixes])
+        state = SwitchState(
+            codec=Codec(load_dialect("terminal")),
+            issuer_codec=Codec(load_dialect("issuer")),
+            terminals=store.load_terminals(),
+            merchants=store.load_merchants(),
+            routes=routes,
+            links=dict(links),
+            zone_pin_keys=store.load_zone_pin_keys(),
+            metrics=metrics,
+            settings=Settings(issuer_timeout=cfg.issuer_timeout),
+        )
+        manager = TransactionManager(state, store)
+        server = TerminalServer(
+            ServerSettings(cfg.host, cfg.port, cfg.idle_timeout, cfg.read_timeout, cfg.max_frame,
+                           drain_timeout=cfg.drain_timeout),
+            manager.handle,
+            metrics,
+        )
+
+        def ready() -> bool:
+            return store.writable() and any(link.is_up for link in links.values())
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.run_writer)
+            for link in links.values():
+                await tg.start(link.run)
+            metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
+            for name in cfg.wait_for_links:
+                if not await links[name].wait_up(cfg.link_start_timeout):
+                    log.warning("issuer link %s not up after %.0fs; opening anyway", name, cfg.link_start_timeout)
+            async with anyio.create_task_group() as serving:
+                port = await serving.start(server.serve)
+                if handle_signals:
+                    serving.start_soon(_on_signal, server)
+                task_status.started(Running(port, metrics_port, store, metrics, server.shutdown))
+                log.info("switch ready: terminal port %s, metrics port %s", port, metrics_port)
+            # the server drained its connections; stop the rest (the writer flushes on the way out)
+            tg.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def _on_signal(server: TerminalServer) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %s: draining", signal.Signals(signum).name)
+            server.shutdown()
+            return
+
+
+# ---- demo ---------------------------------------------------------------------------------
+def seed_demo(store: SqliteStore) -> None:
+    """Load the §14 fixture into an empty store (one transaction)."""
+    from switch.issuers.cards import demo_issuers
+
+    db = store.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for m in demo_fixture.MERCHANTS:
+            store.add_merchant(Merchant(m.mid, m.kind, m.shop_name, monthly_limit_fen=m.monthly_limit_fen))
+        for t in demo_fixture.TERMINALS:
+            store.add_terminal(
+                Terminal(t.tid, t.mid, t.role, t.main_tid, t.state,
+                         tmk=bytes.fromhex(t.tmk_hex) if t.tmk_hex else None),
+                activation_code=t.activation_code,
+                expires=time.time() + 24 * 3600 if t.activation_code else None,
+            )
+        for issuer in demo_issuers().values():
+            store.set_zone_pin_key(issuer.issuer_id, issuer.zpk)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _closed_port(host: str) -> int:
+    """A port where nothing listens (the BOC route of §14)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def run_demo(
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    metrics_port: int = 9100,
+    issuer_timeout: float = 2.0,
+    handle_signals: bool = True,
+    task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    from switch.issuers.cards import demo_issuers
+    from switch.issuers.run import run_demo_issuers
+
+    master_key = load_master_key(data_dir, create=True)
+    fixture = demo_issuers()
+    async with anyio.create_task_group() as tg:
+        issuer_ports: dict[str, int] = await tg.start(run_demo_issuers, host)
+        endpoints = [
+            IssuerEndpoint(name, host, issuer_ports.get(name) or _closed_port(host), d.prefixes)
+            for name, d in fixture.items()
+        ]
+        cfg = AppConfig(
+            data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
+            issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(issuer_ports),
+        )
+
+        async def switch_then_stop(*, task_status: anyio.abc.TaskStatus[Running]) -> None:
+            await run_switch(cfg, master_key, seed=seed_demo, handle_signals=handle_signals,
+                             task_status=task_status)
+            tg.cancel_scope.cancel()  # the switch drained: stop the mock issuers too
+
+        running = await tg.start(switch_then_stop)
+        task_status.started(running)
+        print(
+            f"switch ready: terminal port {running.port}, metrics port {running.metrics_port}, "
+            f"data {data_dir}",
+            flush=True,
+        )
+    # run_switch returned (drained): the issuers were cancelled with the group
+
+
+def run(coro_fn: Callable[[], object]) -> None:
+    """anyio.run on asyncio, with uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: F401
+
+        options = {"use_uvloop": True}
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        options = {}
+    anyio.run(coro_fn, backend="asyncio", backend_options=options)  # type: ignore[arg-type]
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )

@@ -1,0 +1,165 @@
+"""The checks of protocol §12.1, steps 2-8, in order. Each participant looks at the Context,
+records a ResultCode on a decline and returns; the manager stops at the first decline.
+
+Step 5 (duplicates) and step 9 (originals, monthly limit) belong to later transactions and
+are not in this slice; see specs/decisions.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+from switch.core.transactions import MANAGEMENT_MTIS, Field60, classify
+from switch.crypto.mac import verify_mac
+from switch.crypto.track import TrackError, decrypt_track
+from switch.domain.cards import expiry_from_track2, luhn_ok, pan_from_track2
+from switch.domain.codes import ResultCode
+from switch.pipeline.context import Context, SwitchState
+
+
+def check_terminal(state: SwitchState, ctx: Context) -> None:
+    """Step 2: F41 names an active terminal (97); F42 is its merchant and that merchant is active (03)."""
+    terminal = state.terminals.get(ctx.request.tid)
+    if terminal is None or not terminal.active:
+        ctx.decline(ResultCode.TERMINAL_INVALID, "terminal unknown or not active")
+        ctx.terminal = terminal  # a known terminal still gets header digit 6 (§2)
+        return
+    ctx.terminal = terminal
+    merchant = state.merchants.get(terminal.mid)
+    ctx.merchant = merchant
+    if merchant is None or ctx.request.mid != terminal.mid or not merchant.active:
+        ctx.decline(ResultCode.MERCHANT_INVALID, "merchant mismatch or disabled")
+
+
+def check_transaction_key(state: SwitchState, ctx: Context) -> None:
+    """Step 3: the §6 key is in the table and served by this build (40)."""
+    raw60 = ctx.request.fields.get(60)
+    ctx.f60 = Field60.parse(raw60) if isinstance(raw60, str) else None
+    ctx.txn = classify(ctx.request.mti, ctx.request.fields)
+    if ctx.txn is None or not ctx.txn.implemented:
+        ctx.decline(ResultCode.NOT_SUPPORTED, "transaction key not supported")
+
+
+def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
+    """Step 4: financial requests, settlement and batch upload need working keys (77), then the MAC (A0)."""
+    txn, terminal = ctx.txn, ctx.terminal
+    assert txn is not None and terminal is not None
+    needs_keys = txn.financial or ctx.request.mti in ("0500", "0320")
+    if not needs_keys:
+        return
+    if not terminal.signed_on:
+        ctx.decline(ResultCode.SIGN_ON_FIRST, "not signed on")
+        return
+    if not txn.mac:
+        return
+    f64 = ctx.request.fields.get(64)
+    assert terminal.mak is not None
+    if isinstance(f64, bytes) and verify_mac(terminal.mak, ctx.request.mab, f64):
+        terminal.mac_failures.clear()
+        return
+    state.metrics.mac_failure()
+    now = time.monotonic()
+    window = state.settings.mac_failure_window
+    terminal.mac_failures[:] = [t for t in terminal.mac_failures if now - t < window] + [now]
+    ctx.decline(ResultCode.MAC_FAILURE, "MAC missing or wrong")
+    if len(terminal.mac_failures) >= state.settings.mac_failure_limit:
+        # §10.1: five consecutive failures in 10 minutes revoke the working keys
+        terminal.revoke_keys()
+        terminal.mac_failures.clear()
+        ctx.note = "MAC failure limit reached: working keys revoked"
+        ctx.ops.append(("terminal_keys", terminal))
+
+
+def check_batch_and_day(state: SwitchState, ctx: Context) -> None:
+    """Step 6: 0100/0200/0220 must use the open batch, and that batch must not be from an
+    earlier business day (77: settle and sign on, §9.6)."""
+    if ctx.request.mti not in ("0100", "0200", "0220"):
+        return
+    terminal = ctx.terminal
+    assert terminal is not None
+    if ctx.f60 is None or ctx.f60.batch != terminal.batch:
+        ctx.decline(ResultCode.SIGN_ON_FIRST, "batch is not the terminal's open batch")
+        return
+    if terminal.batch_date is not None and terminal.batch_date < ctx.business_date:
+        ctx.decline(ResultCode.SIGN_ON_FIRST, "batch from an earlier business day must be settled")
+        return
+    if terminal.batch_date is None:
+        terminal.batch_date = ctx.business_date
+        ctx.ops.append(("terminal_batch", terminal))
+
+
+def _pin_entered(ctx: Context) -> bool:
+    f22 = ctx.request.fields.get(22)
+    return isinstance(f22, str) and len(f22) == 3 and f22[2] == "1"
+
+
+def check_mandatory(state: SwitchState, ctx: Context) -> None:
+    """Step 7: the mandatory fields of §6.1 (30) and the amount (13) for card requests."""
+    txn = ctx.txn
+    assert txn is not None
+    f = ctx.request.fields
+    if ctx.request.mti in MANAGEMENT_MTIS:
+        if 11 not in f and txn.name != "echo_test":
+            ctx.decline(ResultCode.FORMAT_ERROR, "F11 missing")
+        return
+    for k in (3, 11, 22, 25, 49, 64):
+        if k not in f:
+            ctx.decline(ResultCode.FORMAT_ERROR, f"F{k} missing")
+            return
+    pin_fields = [k for k in (26, 52) if k in f]
+    if _pin_entered(ctx):
+        if len(pin_fields) != 2 or 53 not in f:
+            ctx.decline(ResultCode.FORMAT_ERROR, "PIN entered but 26/52/53 incomplete")
+            return
+    elif pin_fields:
+        ctx.decline(ResultCode.FORMAT_ERROR, "PIN fields without a PIN entry mode")
+        return
+    f53 = f.get(53)
+    encrypted_track = isinstance(f53, str) and f53[2:3] == "1"
+    if encrypted_track and ctx.terminal is not None and ctx.terminal.key_mode != "004":
+        ctx.decline(ResultCode.FORMAT_ERROR, "encrypted track without a 004 sign-on")
+        return
+    if 35 in f:
+        track = str(f[35])
+        if encrypted_track:
+            assert ctx.terminal is not None and ctx.terminal.tdk is not None
+            try:
+                track = decrypt_track(ctx.terminal.tdk, track)
+            except TrackError:
+                ctx.decline(ResultCode.FORMAT_ERROR, "track does not decrypt")
+                return
+        if not set(track) <= set("0123456789="):
+            ctx.decline(ResultCode.FORMAT_ERROR, "track 2 holds a non-digit nibble")
+            return
+        ctx.track2 = track
+        ctx.pan = pan_from_track2(track)
+        ctx.expiry = expiry_from_track2(track)
+        if ctx.pan is None:
+            ctx.decline(ResultCode.FORMAT_ERROR, "track 2 has no PAN")
+            return
+    if 2 in f:
+        ctx.pan = str(f[2])
+    if ctx.pan is None:
+        ctx.decline(ResultCode.FORMAT_ERROR, "neither F2 nor F35")
+        return
+    if isinstance(f.get(14), str):
+        ctx.expiry = str(f[14])
+    if txn.name != "balance_inquiry":
+        amount = f.get(4)
+        if not isinstance(amount, str) or not amount.isdigit() or int(amount) == 0:
+            ctx.decline(ResultCode.INVALID_AMOUNT, "amount missing or zero")
+            return
+        ctx.amount_fen = int(amount)
+
+
+def check_card_and_route(state: SwitchState, ctx: Context) -> None:
+    """Step 8: Luhn (14), then a route by BIN (15). The chosen issuer is named in F44 even if down."""
+    if ctx.request.mti in MANAGEMENT_MTIS:
+        return
+    assert ctx.pan is not None
+    if not luhn_ok(ctx.pan):
+        ctx.decline(ResultCode.INVALID_CARD, "card number fails Luhn")
+        return
+    ctx.issuer = state.routes.route(ctx.pan)
+    if ctx.issuer is None:
+        ctx.decline(ResultCode.NO_ROUTE, "no route for BIN")

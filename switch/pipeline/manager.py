@@ -1,0 +1,258 @@
+"""The transaction manager: one request in, one response (or a close) out.
+
+A Context flows through the ordered participants of protocol §12.1; the first decline stops
+the checks. Then the response is built (§6.1), the journal row and any terminal-state change
+are committed durably in one group commit, and only then are the response bytes returned.
+After any failure inside a participant the terminal still gets an answer (``96``) and the
+attempt is journaled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Awaitable, Callable, Union
+
+from switch.adapters.sqlite_store import JournalEntry, SqliteStore
+from switch.core.framing import Frame
+from switch.core.messages import (
+    Malformed,
+    Request,
+    echo,
+    encode_response,
+    format_error_response,
+    read_request,
+    response_mti,
+)
+from switch.crypto.mac import cup_mac
+from switch.domain.cards import mask_pan
+from switch.domain.codes import ResultCode
+from switch.pipeline import checks, financial, management
+from switch.pipeline.context import SHANGHAI, Context, SwitchState
+
+log = logging.getLogger("switch.txn")
+
+Participant = Callable[[SwitchState, Context], Union[None, Awaitable[None]]]
+
+CHECKS: list[Callable[[SwitchState, Context], None]] = [
+    checks.check_terminal,  # 2
+    checks.check_transaction_key,  # 3
+    checks.check_signed_on_and_mac,  # 4
+    checks.check_batch_and_day,  # 6
+    checks.check_mandatory,  # 7
+    checks.check_card_and_route,  # 8
+]
+
+SYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], None]] = {
+    "sign_on": management.sign_on,
+    "sign_off": management.sign_off,
+    "echo_test": management.echo_test,
+    "parameter_download": management.parameter_download,
+}
+ASYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], Awaitable[None]]] = {
+    "consume": financial.authorize,
+    "balance_inquiry": financial.authorize,
+}
+
+CLOSE = None  # handle() returns None when the connection must be closed
+
+
+class TransactionManager:
+    def __init__(self, state: SwitchState, store: SqliteStore) -> None:
+        self.state = state
+        self.store = store
+
+    async def handle(self, frame: Frame) -> bytes | None:
+        """Process one frame. Returns response bytes, or None: close the connection (counted)."""
+        state = self.state
+        parsed = read_request(state.codec, frame)
+        if isinstance(parsed, Malformed):
+            state.metrics.malformed_frame(parsed.reason)
+            if parsed.close:
+                log.warning("closing connection: %s", parsed.reason)
+                return CLOSE
+            return await self._format_error(parsed)
+        ctx = Context(parsed, datetime.now(SHANGHAI))
+        state.metrics.in_flight(1)
+        try:
+            await self._run(ctx)
+        except Exception:
+            log.exception("participant failed; answering 96")
+            ctx.rc = ResultCode.SYSTEM_ERROR
+            ctx.note = "internal error"
+        finally:
+            state.metrics.in_flight(-1)
+        return await self._respond(ctx)
+
+    async def _run(self, ctx: Context) -> None:
+        state = self.state
+        for check in CHECKS:
+            check(state, ctx)
+            if ctx.rc is not None:
+                return
+        txn = ctx.txn
+        assert txn is not None
+        if txn.financial:
+            ctx.rrn = await self.store.next_rrn()
+        sync = SYNC_HANDLERS.get(txn.name)
+        if sync is not None:
+            sync(state, ctx)
+        else:
+            await ASYNC_HANDLERS[txn.name](state, ctx)
+        if ctx.rc is None:  # a handler must decide
+            ctx.rc = ResultCode.SYSTEM_ERROR
+
+    # ---- responses (§6.1) ---------------------------------------------------------------
+    def _digit6(self, ctx: Context) -> int:
+        t = ctx.terminal
+        if t is None:
+            return 0
+        if not t.signed_on:
+            return 3
+        m = self.state.merchants.get(t.mid)
+        if m is not None and t.params_version < m.params_version:
+            return 1
+        return 0
+
+    def _response_fields(self, ctx: Context) -> dict:
+        req = ctx.request
+        f = req.fields
+        rc = ctx.rc or ResultCode.SYSTEM_ERROR
+        now = ctx.now
+        mti = req.mti
+        out: dict = {39: rc.value}
+        txn_name = ctx.txn.name if ctx.txn else None
+        if mti in ("0800", "0820"):
+            for k in (11, 41, 42, 60):
+                if k in f:
+                    out[k] = f[k]
+            if txn_name != "parameter_download":
+                out[12] = now.strftime("%H%M%S")
+                out[13] = now.strftime("%m%d")
+            if txn_name == "sign_on":
+                out[32] = self.state.settings.acquirer_id
+                out[37] = ctx.rrn or ""
+                if ctx.terminal is not None and ctx.f60 is not None:
+                    out[60] = ctx.f60.with_batch(ctx.terminal.batch)
+            if rc is ResultCode.APPROVED and 62 in ctx.resp:
+                out[62] = ctx.resp[62]
+            if 37 in out and not out[37]:
+                del out[37]
+            return out
+        if mti in ("0500", "0320"):
+            out.update({k: f[k] for k in (11, 41, 42, 60) if k in f})
+            return out
+        # financial (0110, 0210, 0230, 0410)
+        out.update(echo(f))
+        out[12] = now.strftime("%H%M%S")
+        out[13] = now.strftime("%m%d")
+        out[15] = now.strftime("%m%d")
+        out[32] = self.state.settings.acquirer_id
+        out[37] = ctx.rrn or ""
+        out[44] = (ctx.issuer or "").ljust(11) + self.state.settings.acquirer_id.ljust(11)
+        out[63] = "CUP"
+        if ctx.track2 is not None and ctx.pan is not None and 2 not in f:
+            out[2] = ctx.pan
+        if rc is ResultCode.APPROVED:
+            if ctx.auth_code:
+                out[38] = ctx.auth_code
+            if 54 in ctx.resp:
+                out[54] = ctx.resp[54]
+        return out
+
+    async def _respond(self, ctx: Context) -> bytes:
+        state = self.state
+        req = ctx.request
+        if ctx.rrn is None and req.mti not in ("0800", "0820", "0500", "0320"):
+            ctx.rrn = await self.store.next_rrn()
+        elif ctx.rrn is None and ctx.txn is not None and ctx.txn.name == "sign_on" and ctx.rc is ResultCode.APPROVED:
+            ctx.rrn = await self.store.next_rrn()
+        fields = self._response_fields(ctx)
+        rc = ctx.rc or ResultCode.SYSTEM_ERROR
+        mac = None
+        t = ctx.terminal
+        if rc is ResultCode.APPROVED and ctx.txn is not None and ctx.txn.mac and t is not None and t.mak:
+            mak = t.mak
+            mac = lambda mab: cup_mac(mak, mab)  # noqa: E731
+        data = encode_response(state.codec, req, fields, self._digit6(ctx), mac)
+        await self._journal(ctx, rc)
+        seconds = time.perf_counter() - ctx.started
+        txn_label = ctx.txn.name if ctx.txn else "unknown"
+        state.metrics.request_completed(txn_label, rc.value, seconds)
+        if ctx.issuer_seconds is not None and ctx.issuer:
+            pass  # issuer latency is reported by the link itself
+        log.info(
+            "txn=%s tid=%s stan=%s rc=%s pan=%s amount_fen=%s issuer=%s rrn=%s ms=%.2f%s",
+            txn_label, req.tid, req.stan, rc.value, mask_pan(ctx.pan) if ctx.pan else "-",
+            ctx.amount_fen, ctx.issuer or "-", ctx.rrn or "-", seconds * 1000,
+            f" note={ctx.note}" if ctx.note else "",
+        )
+        return data
+
+    async def _journal(self, ctx: Context, rc: ResultCode) -> None:
+        req = ctx.request
+        f = req.fields
+        ops = []
+        for kind, terminal in ctx.ops:
+            if kind == "terminal_keys":
+                ops.append(self.store.op_terminal_keys(terminal))
+            else:
+                ops.append(self.store.op_terminal_batch(terminal))
+        entry = JournalEntry(
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            business_date=ctx.business_date,
+            tid=req.tid,
+            mid=req.mid,
+            mti=req.mti,
+            txn=ctx.txn.name if ctx.txn else "unknown",
+            response_code=rc.value,
+            pcode=_s(f.get(3)),
+            stan=req.stan or None,
+            batch=ctx.f60.batch if ctx.f60 else None,
+            rrn=ctx.rrn,
+            auth_code=ctx.auth_code,
+            amount_fen=ctx.amount_fen,
+            fee_fen=ctx.fee_fen if rc is ResultCode.APPROVED else None,
+            currency=_s(f.get(49)),
+            pan_masked=mask_pan(ctx.pan) if ctx.pan else None,
+            pan_token=self.store.pan_token(ctx.pan) if ctx.pan else None,
+            entry_mode=_s(f.get(22)),
+            issuer=ctx.issuer,
+            issuer_stan=_s(ctx.issuer_fields.get(11)),
+            issuer_f7=_s(ctx.issuer_fields.get(7)),
+            issuer_response_code=ctx.issuer_rc,
+            needs_reversal=ctx.needs_reversal,
+            request_digest=hashlib.sha256(req.frame.body).hexdigest(),
+            latency_us=int((time.perf_counter() - ctx.started) * 1e6),
+            issuer_latency_us=int(ctx.issuer_seconds * 1e6) if ctx.issuer_seconds is not None else None,
+            note=ctx.note,
+        )
+        await self.store.write(*ops, self.store.op_journal(entry))
+
+    async def _format_error(self, bad: Malformed) -> bytes:
+        data = format_error_response(self.state.codec, bad)
+        p = bad.partial
+        entry = JournalEntry(
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            business_date=datetime.now(SHANGHAI).strftime("%Y%m%d"),
+            tid=_s(p.get(41)) or "",
+            mid=_s(p.get(42)) or "",
+            mti=bad.mti or "",
+            txn="malformed",
+            response_code=ResultCode.FORMAT_ERROR.value,
+            stan=_s(p.get(11)),
+            request_digest=hashlib.sha256(bad.frame.body).hexdigest(),
+            note=bad.reason,
+        )
+        await self.store.write(self.store.op_journal(entry))
+        self.state.metrics.request_completed("malformed", "30", 0.0)
+        return data
+
+
+def _s(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+__all__ = ["TransactionManager", "response_mti", "Request"]
