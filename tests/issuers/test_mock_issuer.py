@@ -165,7 +165,7 @@ async def test_reversal_restores_once_and_unknown_original_is_25() -> None:
         assert approved[39] == "00"
         assert mock.balance_of(RICH) == 100_000_000 - 5000
         f90 = "0200" + "000777" + "1126121212" + "00048521000" + "0" * 11
-        reversal = {2: RICH, 3: "000000", 4: "000000005000", 32: "48521000", 90: f90}
+        reversal: Fields = {2: RICH, 3: "000000", 4: "000000005000", 32: "48521000", 90: f90}
         mti, first = await client.request("0400", dict(reversal))
         _, again = await client.request("0400", dict(reversal))
         unknown = {**reversal, 90: "0200" + "000778" + "1126121212" + "0" * 22}
