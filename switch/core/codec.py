@@ -122,7 +122,7 @@ class Codec:
         self._mti_binary = self._spec["t"]["data_enc"] == "b"
         undefined = {"data_enc": "b", "len_enc": "b", "len_type": 0, "max_len": 1 << 20, "fmt": "b"}
         self._probe_spec = dict(self._spec)
-        for i in range(2, 129):
+        for i in range(1, 129):  # "1" too: a secondary bitmap the dialect does not have
             self._probe_spec.setdefault(str(i), undefined)
 
     # ---- decode -------------------------------------------------------------------------
@@ -147,6 +147,7 @@ class Codec:
             raise CodecError("field not defined in dialect", str(exc.args[0]), -1, {}, None) from None
         mti = doc.pop("t")
         doc.pop("p", None)
+        doc.pop("1", None)  # secondary bitmap
         doc.pop("h", None)
         if not (len(mti) == 4 and set(mti) <= _DIGITS):
             raise CodecError("MTI is not 4 digits", "t", 0, {}, None)
