@@ -36,7 +36,9 @@ DRAIN_MAX_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64
 
 _TEXT = "text/plain; charset=utf-8"
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)  # RFC 9110 tchar
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,10 @@ def route(
     return _text(HTTPStatus.NOT_FOUND, "not found")
 
 
-async def _read_head(stream: anyio.abc.ByteStream, read_timeout: float) -> bytes | HttpResponse | None:
-    """Read up to the end of the head: the head, an error response to send, or None to just close."""
+async def _read_head(
+    stream: anyio.abc.ByteStream, read_timeout: float
+) -> bytes | HttpResponse | None:
+    """Read to the end of the head: the head, an error response to send, or None to just close."""
     buffer = b""
     with anyio.move_on_after(read_timeout):
         # Bounded: each pass adds >= 1 byte and we stop past MAX_HEAD_BYTES.
