@@ -12,7 +12,10 @@ server side.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 from decimal import Decimal, InvalidOperation
 
 import anyio
@@ -103,6 +106,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tmk", type=_tmk_arg, help="terminal master key, 32 hex digits (default: demo fixture)")
     parser.add_argument("--mode", choices=("001", "003", "004"), default="003", help="sign-on key mode")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each response")
+    parser.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="where the terminal keeps its trace number between runs "
+        "(default: $SWITCH_POS_STATE or ~/.cache/switch-pos)",
+    )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("sign-on", help="sign on and print the result")
     for name, helptext in (("consume", "purchase"), ("balance", "balance inquiry")):
@@ -123,8 +131,40 @@ def _shop_name(mid: str) -> str:
     return merchant.shop_name if merchant is not None else mid
 
 
+def _state_file(args: argparse.Namespace) -> Path:
+    base = args.state_dir or Path(os.environ.get("SWITCH_POS_STATE") or Path.home() / ".cache" / "switch-pos")
+    return Path(base) / f"{args.tid}.json"
+
+
+def _load_stan(path: Path) -> int:
+    """A real terminal never reuses a trace number it has sent (the switch would see a
+    duplicate, §11): the counter survives between runs of the simulator."""
+    try:
+        stan = int(json.loads(path.read_text())["next_stan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+    return stan if 1 <= stan <= 999_999 else 1
+
+
+def _save_stan(path: Path, next_stan: int) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"next_stan": next_stan}))
+    except OSError as exc:
+        print(f"warning: cannot save the trace number to {path}: {exc}", file=sys.stderr)
+
+
 async def _session(args: argparse.Namespace, mid: str, tmk: bytes) -> int:
     client = TerminalClient(args.host, args.port, args.tid, mid, tmk, timeout=args.timeout)
+    state = _state_file(args)
+    client.next_stan = _load_stan(state)
+    try:
+        return await _run_action(client, args, mid)
+    finally:
+        _save_stan(state, client.next_stan)
+
+
+async def _run_action(client: TerminalClient, args: argparse.Namespace, mid: str) -> int:
     shop = _shop_name(mid)
     async with client.connect():
         signed = await client.sign_on(args.mode)

@@ -168,3 +168,9 @@ def fake_switch() -> FakeSwitch:
 @pytest.fixture
 def vectors() -> dict[str, dict[str, Any]]:
     return load_vectors()
+
+
+@pytest.fixture(autouse=True)
+def _pos_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's simulator starts from trace number 1 (its state file lives in tmp_path)."""
+    monkeypatch.setenv("SWITCH_POS_STATE", str(tmp_path / "pos-state"))

@@ -135,3 +135,14 @@ async def test_swipe_of_an_unknown_card_needs_expiry(fake_switch, capsys) -> Non
         code = await run_cli(port, "consume", "--card", "4111237450925694", "--amount", "1")
     assert code == 2
     assert "--expiry" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_trace_number_survives_between_runs(fake_switch, tmp_path, capsys) -> None:
+    """Two runs never reuse a STAN (the switch would take the second for a duplicate, §11)."""
+    async with fake_switch.serve(fake_switch.responder(fake_switch.standard)) as port:
+        assert await run_cli(port, "--state-dir", str(tmp_path / "s"), "echo") == 0
+        assert await run_cli(port, "--state-dir", str(tmp_path / "s"), "echo") == 0
+    stans = [fake_switch.decode(f)[1][11] for f in fake_switch.frames]
+    assert stans == ["000001", "000002", "000003", "000004"]
+    assert len(set(stans)) == len(stans)
