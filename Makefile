@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= data
 
-.PHONY: run test install clean
+.PHONY: run test typecheck install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/switch demo --data-dir $(DATA)
 
-## make test: the whole suite
-test: $(STAMP)
+## make test: type check (mypy --strict on switch/) and the whole suite
+test: typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache

@@ -222,7 +222,7 @@ class SqliteStore:
 
     # ---- sync reads (start-up, tests, CLI) ------------------------------------------------
     def is_empty(self) -> bool:
-        return self.db.execute("SELECT COUNT(*) FROM merchants").fetchone()[0] == 0
+        return bool(self.db.execute("SELECT COUNT(*) FROM merchants").fetchone()[0] == 0)
 
     def load_merchants(self) -> dict[str, Merchant]:
         out = {}
@@ -296,22 +296,30 @@ class SqliteStore:
     # ---- ops for the writer -----------------------------------------------------------------
     def op_journal(self, entry: JournalEntry) -> Op:
         row = entry.row()
-        return lambda db: db.execute(_INSERT_JOURNAL, row) and None
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(_INSERT_JOURNAL, row)
+
+        return op
 
     def op_terminal_keys(self, t: Terminal) -> Op:
         args = (
             t.key_mode, self._wrap(t.pik, f"pik:{t.tid}"), self._wrap(t.mak, f"mak:{t.tid}"),
             self._wrap(t.tdk, f"tdk:{t.tid}"), t.tid,
         )
-        return lambda db: db.execute(
-            "UPDATE terminals SET key_mode=?, pik=?, mak=?, tdk=? WHERE tid=?", args
-        ) and None
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE terminals SET key_mode=?, pik=?, mak=?, tdk=? WHERE tid=?", args)
+
+        return op
 
     def op_terminal_batch(self, t: Terminal) -> Op:
         args = (t.batch_no, t.batch_date, t.params_version, t.tid)
-        return lambda db: db.execute(
-            "UPDATE terminals SET batch_no=?, batch_date=?, params_version=? WHERE tid=?", args
-        ) and None
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE terminals SET batch_no=?, batch_date=?, params_version=? WHERE tid=?", args)
+
+        return op
 
     # ---- the group-committing writer --------------------------------------------------------
     async def write(self, *ops: Op) -> None:

@@ -225,14 +225,15 @@ class Codec:
         if fmt == "n":
             if not set(value) <= _DIGITS:
                 raise CodecError("non-digit in numeric field", str(key))
-            if fs["len_type"] == 0 and len(value) < fs["max_len"]:
-                return value.zfill(fs["max_len"])  # fixed n is right-aligned (§3)
+            width = int(fs["max_len"])
+            if fs["len_type"] == 0 and len(value) < width:
+                return value.zfill(width)  # fixed n is right-aligned (§3)
             return value
         if fmt == "z":
             return value.replace("=", "D") if fs["data_enc"] == "b" else value
         if fs["len_type"] == 0:
-            width = fs["max_len"]
-            enc = fs["data_enc"]
+            width = int(fs["max_len"])
+            enc = str(fs["data_enc"])
             raw = value.encode(enc)
             if len(raw) > width:
                 raise CodecError(f"text longer than {width} bytes", str(key))

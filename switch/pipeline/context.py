@@ -68,7 +68,8 @@ class Context:
     auth_code: str | None = None
     needs_reversal: bool = False
     rrn: str | None = None
-    ops: list = field(default_factory=list)  # store ops committed with the journal row
+    # terminal state changes ("terminal_keys" | "terminal_batch", terminal) committed with the journal row
+    ops: list[tuple[str, Terminal]] = field(default_factory=list)
 
     def decline(self, rc: ResultCode, note: str | None = None) -> None:
         self.rc = rc

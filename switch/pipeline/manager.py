@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable, Union
 
 from switch.adapters.sqlite_store import JournalEntry, SqliteStore
+from switch.core.codec import Fields
 from switch.core.framing import Frame
 from switch.core.messages import (
     Malformed,
@@ -116,13 +117,13 @@ class TransactionManager:
             return 1
         return 0
 
-    def _response_fields(self, ctx: Context) -> dict:
+    def _response_fields(self, ctx: Context) -> Fields:
         req = ctx.request
         f = req.fields
         rc = ctx.rc or ResultCode.SYSTEM_ERROR
         now = ctx.now
         mti = req.mti
-        out: dict = {39: rc.value}
+        out: Fields = {39: rc.value}
         txn_name = ctx.txn.name if ctx.txn else None
         if mti in ("0800", "0820"):
             for k in (11, 41, 42, 60):
