@@ -194,6 +194,9 @@ class TcpIssuerLink:
                 pass
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 reason = type(exc).__name__
+            except anyio.get_cancelled_exc_class():
+                reason = "shutdown"
+                raise
             finally:
                 self._stream = None
                 self._up_event = anyio.Event()
@@ -203,8 +206,9 @@ class TcpIssuerLink:
                         waiter.error = IssuerTimeout(f"{self.name}: link dropped with the request in flight")
                         waiter.done.set()
                 self._metrics.issuer_link_state(self.name, False)
-                log.warning("issuer %s: link down (%s), %d request(s) in flight failed",
-                            self.name, reason, len(dropped))
+                log.log(logging.INFO if reason == "shutdown" else logging.WARNING,
+                        "issuer %s: link down (%s), %d request(s) in flight failed",
+                        self.name, reason, len(dropped))
 
     def _on_frame(self, body: bytes) -> None:
         try:
