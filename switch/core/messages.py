@@ -90,13 +90,14 @@ def echo(fields: Fields) -> Fields:
     return {k: fields[k] for k in ECHO_FIELDS if k in fields}
 
 
-def format_error_response(codec: Codec, bad: Malformed) -> bytes:
-    """The ``30`` answer: 11, 39, 41 and whatever else of the echo list decoded (§6.1)."""
+def format_error_response(codec: Codec, bad: Malformed, digit6: int = 0) -> bytes:
+    """The ``30`` answer: 11, 39, 41 and whatever else of the echo list decoded (§6.1).
+    ``digit6`` is the header digit 6 the pipeline chose for the terminal named in F41 (§2)."""
     assert bad.mti is not None and not bad.close
     out = echo(bad.partial)
     out[39] = "30"
     body = codec.encode(response_mti(bad.mti), dict(sorted(out.items())))
-    return encode_frame(bad.frame.tpdu, response_header(bad.frame.header, 0), body)
+    return encode_frame(bad.frame.tpdu, response_header(bad.frame.header, digit6), body)
 
 
 def encode_response(

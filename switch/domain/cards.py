@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def is_digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit also accepts fullwidth and other Unicode digits)."""
+    return bool(text) and set(text) <= _ASCII_DIGITS
+
 
 def luhn_ok(number: str) -> bool:
-    if not number.isdigit() or len(number) < 2:
+    if not is_digits(number) or len(number) < 2:
         return False
     total = 0
     for i, ch in enumerate(reversed(number)):
@@ -28,12 +35,12 @@ def mask_pan(pan: str) -> str:
 
 def pan_from_track2(track2: str) -> str | None:
     pan = track2.split("=", 1)[0]
-    return pan if pan.isdigit() and 12 <= len(pan) <= 19 else None
+    return pan if is_digits(pan) and 12 <= len(pan) <= 19 else None
 
 
 def expiry_from_track2(track2: str) -> str | None:
     parts = track2.split("=", 1)
-    if len(parts) == 2 and len(parts[1]) >= 4 and parts[1][:4].isdigit():
+    if len(parts) == 2 and len(parts[1]) >= 4 and is_digits(parts[1][:4]):
         return parts[1][:4]
     return None
 

@@ -31,11 +31,16 @@ def check_terminal(state: SwitchState, ctx: Context) -> None:
         ctx.decline(ResultCode.MERCHANT_INVALID, "merchant mismatch or disabled")
 
 
-def check_transaction_key(state: SwitchState, ctx: Context) -> None:
-    """Step 3: the §6 key is in the table and served by this build (40)."""
+def classify_request(ctx: Context) -> None:
+    """Not a check: the §6 type and field 60 are known before step 2 so that even a request
+    declined early gets the response layout of its kind (e.g. a sign-on's 32 and 37)."""
     raw60 = ctx.request.fields.get(60)
     ctx.f60 = Field60.parse(raw60) if isinstance(raw60, str) else None
     ctx.txn = classify(ctx.request.mti, ctx.request.fields)
+
+
+def check_transaction_key(state: SwitchState, ctx: Context) -> None:
+    """Step 3: the §6 key is in the table and served by this build (40)."""
     if ctx.txn is None or not ctx.txn.implemented:
         ctx.decline(ResultCode.NOT_SUPPORTED, "transaction key not supported")
 

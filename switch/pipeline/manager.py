@@ -89,6 +89,7 @@ class TransactionManager:
 
     async def _run(self, ctx: Context) -> None:
         state = self.state
+        checks.classify_request(ctx)
         for check in CHECKS:
             check(state, ctx)
             if ctx.rc is not None:
@@ -139,8 +140,6 @@ class TransactionManager:
                     out[60] = ctx.f60.with_batch(ctx.terminal.batch)
             if rc is ResultCode.APPROVED and 62 in ctx.resp:
                 out[62] = ctx.resp[62]
-            if 37 in out and not out[37]:
-                del out[37]
             return out
         if mti in ("0500", "0320"):
             out.update({k: f[k] for k in (11, 41, 42, 60) if k in f})
@@ -166,9 +165,10 @@ class TransactionManager:
     async def _respond(self, ctx: Context) -> bytes:
         state = self.state
         req = ctx.request
-        if ctx.rrn is None and req.mti not in ("0800", "0820", "0500", "0320"):
-            ctx.rrn = await self.store.next_rrn()
-        elif ctx.rrn is None and ctx.txn is not None and ctx.txn.name == "sign_on" and ctx.rc is ResultCode.APPROVED:
+        needs_rrn = req.mti not in ("0800", "0820", "0500", "0320") or (
+            ctx.txn is not None and ctx.txn.name == "sign_on"
+        )
+        if ctx.rrn is None and needs_rrn:  # §6.1: financial responses and 0810 sign-on carry 37
             ctx.rrn = await self.store.next_rrn()
         fields = self._response_fields(ctx)
         rc = ctx.rc or ResultCode.SYSTEM_ERROR
@@ -233,8 +233,11 @@ class TransactionManager:
         await self.store.write(*ops, self.store.op_journal(entry))
 
     async def _format_error(self, bad: Malformed) -> bytes:
-        data = format_error_response(self.state.codec, bad)
         p = bad.partial
+        tid = p.get(41)
+        terminal = self.state.terminals.get(tid) if isinstance(tid, str) else None
+        probe = Context(Request(bad.frame, bad.mti or "", p), datetime.now(SHANGHAI), terminal=terminal)
+        data = format_error_response(self.state.codec, bad, self._digit6(probe))
         entry = JournalEntry(
             created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             business_date=datetime.now(SHANGHAI).strftime("%Y%m%d"),

@@ -240,9 +240,6 @@ async def test_sign_on_of_an_unknown_terminal_is_97_without_keys(harness: Harnes
     assert {11, 12, 13, 39, 41, 42, 60} <= set(resp.fields)
 
 
-@pytest.mark.xfail(strict=True, reason="§6.1: every sign-on 0810 carries 32 and 37 (62 only "
-                   "on 00); a sign-on declined at step 2 (97/03) carries neither: the manager keys them "
-                   "on ctx.txn, which step 3 never set, and drops 37 when no RRN was taken")
 async def test_declined_sign_on_still_carries_the_sign_on_field_set(harness: Harness) -> None:
     resp = await harness.sign_on(harness.terminal("99999999"))
     assert resp.code == "97"
@@ -378,8 +375,6 @@ async def test_undecodable_field_after_f41_gets_a_30_with_what_decoded(harness: 
     assert rows[0]["tid"] == "10000001"
 
 
-@pytest.mark.xfail(strict=True, reason="§2: digit 6 is 3 on every response to a known terminal without "
-                   "keys; the decode-30 response (core.messages.format_error_response) always sends 0")
 async def test_decode_30_to_a_known_terminal_without_keys_has_digit6_3(harness: Harness) -> None:
     client = harness.terminal("10000001")
     f = client.card_fields(processing_code="000000", type_code="22", card=RICH, amount_fen=100,
