@@ -77,6 +77,8 @@ class TerminalServer:
         write_lock = anyio.Lock()
         slots = anyio.Semaphore(s.max_in_flight_per_connection)
         closing = anyio.Event()  # set when a handler decided the connection must close
+        failed = anyio.Event()  # set when a handler raised
+        in_flight = [0]
         reason = "peer"
         self.metrics.connection_opened()
 
@@ -90,7 +92,13 @@ class TerminalServer:
                     await stream.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 closing.set()
+            except Exception:
+                # never let one request take the server down: close this connection only
+                log.exception("request handler failed; closing this connection")
+                failed.set()
+                closing.set()
             finally:
+                in_flight[0] -= 1
                 slots.release()
 
         try:
@@ -113,10 +121,15 @@ class TerminalServer:
                             with anyio.move_on_after(timeout if timeout > 0 else math.inf) as t:
                                 chunk = await stream.receive(65536)
                             if t.cancelled_caught:
-                                raise _Closed("read_timeout" if reader.mid_frame else "idle_timeout")
+                                if reader.mid_frame:
+                                    raise _Closed("read_timeout")
+                                if in_flight[0] == 0:  # not idle while answers are still due
+                                    raise _Closed("idle_timeout")
+                                continue
                             reader.receive_data(chunk)
                             while (frame := reader.next_frame()) is not None:
                                 await slots.acquire()
+                                in_flight[0] += 1
                                 handlers.start_soon(respond, frame)
                     except FramingError as exc:
                         reason = exc.reason
@@ -125,7 +138,9 @@ class TerminalServer:
                         reason = exc.reason
                     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                         reason = "peer"
-                if closing.is_set():
+                if failed.is_set():
+                    reason = "internal_error"
+                elif closing.is_set():
                     reason = "protocol"
                 elif self._stop_reading.is_set():
                     reason = "shutdown"

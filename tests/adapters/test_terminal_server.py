@@ -410,13 +410,6 @@ async def test_shutdown_with_no_connections_returns_promptly() -> None:
             await anyio.connect_tcp("127.0.0.1", srv.port)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a handler exception escapes TerminalServer._connection.respond into the per-connection "
-    "task group and from there into serve()'s task group: every other connection is reset and serve() "
-    "raises an ExceptionGroup (TransactionManager.handle can raise, e.g. StoreError from a failed "
-    "journal write or a CodecError while encoding a response)",
-)
 async def test_a_failing_handler_call_does_not_take_down_other_connections() -> None:
     async with running_server(idle=5.0) as srv, connect(srv.port) as other:
         await other.stream.send(frame(b"HOLD-OTHER"))
