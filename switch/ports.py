@@ -55,6 +55,9 @@ class Metrics(Protocol):
     def mac_failure(self) -> None: ...
     def journal_commit(self, batch_size: int, seconds: float) -> None: ...
     def in_flight(self, delta: int) -> None: ...
+    def saf_state(self, issuer: str, depth: int, oldest_age_seconds: float) -> None: ...
+    def saf_attempt(self, issuer: str, outcome: str) -> None: ...
+    def duplicate(self, outcome: str) -> None: ...
 
 
 class NullMetrics:
@@ -88,4 +91,13 @@ class NullMetrics:
         pass
 
     def in_flight(self, delta: int) -> None:
+        pass
+
+    def saf_state(self, issuer: str, depth: int, oldest_age_seconds: float) -> None:
+        pass
+
+    def saf_attempt(self, issuer: str, outcome: str) -> None:
+        pass
+
+    def duplicate(self, outcome: str) -> None:
         pass

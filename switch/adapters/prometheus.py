@@ -59,6 +59,14 @@ class PrometheusMetrics:
     - ``switch_journal_commits_total``, counter, no labels: journal commits (= fsyncs); with
       ``switch_requests_total`` it shows how well group commit batches.
     - ``switch_requests_in_flight``, gauge, no labels: terminal requests being processed now.
+    - ``switch_saf_depth``, gauge, ``issuer``: store-and-forward messages (reversals, advices)
+      waiting for the issuer to acknowledge.
+    - ``switch_saf_oldest_age_seconds``, gauge, ``issuer``: age of the oldest waiting message.
+    - ``switch_saf_attempts_total``, counter, ``issuer``, ``outcome``: delivery attempts
+      (``acknowledged``, ``timeout``, ``unavailable``, ``refused``); every attempt after the first
+      of a message is a retransmission (0401 / 0221).
+    - ``switch_duplicates_total``, counter, ``outcome``: retransmitted requests answered from the
+      journal (``resent``) or refused as a different request under the same key (``94``).
 
     Histograms expose ``_bucket``/``_count``/``_sum`` samples; counters expose ``_total`` (and the
     client library's ``_created``) samples.
@@ -155,6 +163,19 @@ class PrometheusMetrics:
             "Terminal requests being processed now.",
             registry=r,
         )
+        self._saf_depth = Gauge(
+            "switch_saf_depth", "Store-and-forward messages waiting for the issuer.", ["issuer"], registry=r
+        )
+        self._saf_oldest = Gauge(
+            "switch_saf_oldest_age_seconds", "Age of the oldest waiting store-and-forward message.",
+            ["issuer"], registry=r,
+        )
+        self._saf_attempts = Counter(
+            "switch_saf_attempts_total", "Store-and-forward delivery attempts.", ["issuer", "outcome"], registry=r
+        )
+        self._duplicates = Counter(
+            "switch_duplicates", "Retransmitted requests (resent) and key clashes (94).", ["outcome"], registry=r
+        )
 
     # --- switch.ports.Metrics -------------------------------------------------------------
 
@@ -192,6 +213,16 @@ class PrometheusMetrics:
 
     def in_flight(self, delta: int) -> None:
         self._in_flight.inc(delta)
+
+    def saf_state(self, issuer: str, depth: int, oldest_age_seconds: float) -> None:
+        self._saf_depth.labels(issuer=issuer).set(depth)
+        self._saf_oldest.labels(issuer=issuer).set(oldest_age_seconds)
+
+    def saf_attempt(self, issuer: str, outcome: str) -> None:
+        self._saf_attempts.labels(issuer=issuer, outcome=outcome).inc()
+
+    def duplicate(self, outcome: str) -> None:
+        self._duplicates.labels(outcome=outcome).inc()
 
     # --- exposition -----------------------------------------------------------------------
 
