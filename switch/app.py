@@ -33,6 +33,7 @@ from switch.domain.cards import IssuerRoute, RoutingTable
 from switch.domain.model import Merchant, Terminal
 from switch.pipeline.context import Settings, SwitchState
 from switch.pipeline.manager import TransactionManager
+from switch.pipeline.saf import StoreAndForward
 
 log = logging.getLogger("switch.app")
 
@@ -43,6 +44,7 @@ class IssuerEndpoint:
     host: str
     port: int
     prefixes: tuple[str, ...]
+    kind: str = "card"  # card: routed by BIN; wallet: scan-to-pay payment codes by prefix
 
 
 @dataclass
@@ -93,7 +95,12 @@ async def run_switch(
         if seed is not None and store.is_empty():
             seed(store)
         links = {e.name: TcpIssuerLink(e.name, e.host, e.port, metrics) for e in cfg.issuers}
-        routes = RoutingTable([IssuerRoute(p, e.name) for e in cfg.issuers for p in e.prefixes])
+        routes = RoutingTable(
+            [IssuerRoute(p, e.name) for e in cfg.issuers if e.kind == "card" for p in e.prefixes]
+        )
+        wallet_routes = RoutingTable(
+            [IssuerRoute(p, e.name) for e in cfg.issuers if e.kind == "wallet" for p in e.prefixes]
+        )
         state = SwitchState(
             codec=Codec(load_dialect("terminal")),
             issuer_codec=Codec(load_dialect("issuer")),
@@ -104,7 +111,10 @@ async def run_switch(
             zone_pin_keys=store.load_zone_pin_keys(),
             metrics=metrics,
             settings=Settings(issuer_timeout=cfg.issuer_timeout),
+            wallet_routes=wallet_routes,
         )
+        saf = StoreAndForward(store, dict(links), metrics, timeout=cfg.issuer_timeout)
+        state.saf = saf
         manager = TransactionManager(state, store)
         server = TerminalServer(
             ServerSettings(cfg.host, cfg.port, cfg.idle_timeout, cfg.read_timeout, cfg.max_frame,
@@ -120,6 +130,7 @@ async def run_switch(
             await tg.start(store.run_writer)
             for link in links.values():
                 await tg.start(link.run)
+            await tg.start(saf.run)  # delivers what a previous run left queued, too
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
             for name in cfg.wait_for_links:
                 if not await links[name].wait_up(cfg.link_start_timeout):
@@ -194,7 +205,7 @@ async def run_demo(
     async with anyio.create_task_group() as tg:
         issuer_ports: dict[str, int] = await tg.start(run_demo_issuers, host)
         endpoints = [
-            IssuerEndpoint(name, host, issuer_ports.get(name) or _closed_port(host), d.prefixes)
+            IssuerEndpoint(name, host, issuer_ports.get(name) or _closed_port(host), d.prefixes, d.kind)
             for name, d in fixture.items()
         ]
         cfg = AppConfig(

@@ -30,7 +30,7 @@ class TxnType:
     financial: bool = True  # counts as 0100/0200/0220/0400: signed-on, batch and day checks
 
 
-def _fin(name: str, mti: str, reversible: bool, implemented: bool = False) -> TxnType:
+def _fin(name: str, mti: str, reversible: bool, implemented: bool = True) -> TxnType:
     return TxnType(name, mti, mac=True, reversible=reversible, issuer=True, implemented=implemented)
 
 
@@ -47,8 +47,8 @@ ECHO_TEST = _mgmt("echo_test", "0820", implemented=True)
 BATCH_SETTLEMENT = _mgmt("batch_settlement", "0500")
 BATCH_UPLOAD = _mgmt("batch_upload", "0320")
 
-BALANCE_INQUIRY = _fin("balance_inquiry", "0200", reversible=False, implemented=True)
-CONSUME = _fin("consume", "0200", reversible=True, implemented=True)
+BALANCE_INQUIRY = _fin("balance_inquiry", "0200", reversible=False)
+CONSUME = _fin("consume", "0200", reversible=True)
 SCAN_TO_PAY = _fin("scan_to_pay", "0200", reversible=True)
 CONSUME_VOID = _fin("consume_void", "0200", reversible=True)
 REFUND = _fin("refund", "0220", reversible=False)
@@ -125,8 +125,9 @@ def classify(mti: str, fields: Fields) -> TxnType | None:
     if not isinstance(f3, str) or not isinstance(f25, str):
         return None
     if mti == "0400":
-        original = original_type(fields)
-        return REVERSAL if original is not None and original.reversible else None
+        # the key is 0400 + the original's F3/F25/60.1; a non-reversible original is found and
+        # answered 12 at step 9 (§11), not 40
+        return REVERSAL if original_type(fields) is not None else None
     found = FINANCIAL.get((mti, f3, f25, f60.txn_type))
     if found is CONSUME and str(fields.get(22, ""))[:2] == "03":
         return SCAN_TO_PAY

@@ -98,8 +98,21 @@ def _pin_entered(ctx: Context) -> bool:
     return isinstance(f22, str) and len(f22) == 3 and f22[2] == "1"
 
 
+# §6.1: fields mandatory per type, beyond 3, 11, 22, 25, 49, 64 (and 4 / card, checked apart)
+EXTRA_MANDATORY: dict[str, tuple[int, ...]] = {
+    "consume_void": (37, 61),
+    "completion_void": (37, 61),
+    "refund": (37, 61),
+    "pre_auth_void": (38, 61),
+    "completion": (38, 61),
+    "completion_advice": (38, 61),
+    "transfer": (48,),
+}
+NO_AMOUNT = frozenset({"balance_inquiry"})
+
+
 def check_mandatory(state: SwitchState, ctx: Context) -> None:
-    """Step 7: the mandatory fields of §6.1 (30) and the amount (13) for card requests."""
+    """Step 7: the mandatory fields of §6.1 (30) and the amount (13)."""
     txn = ctx.txn
     assert txn is not None
     f = ctx.request.fields
@@ -107,10 +120,16 @@ def check_mandatory(state: SwitchState, ctx: Context) -> None:
         if 11 not in f and txn.name != "echo_test":
             ctx.decline(ResultCode.FORMAT_ERROR, "F11 missing")
         return
-    for k in (3, 11, 22, 25, 49, 64):
+    if txn.name == "reversal":
+        _check_reversal_fields(ctx)
+        return
+    for k in (3, 11, 22, 25, 49, 64) + EXTRA_MANDATORY.get(txn.name, ()):
         if k not in f:
             ctx.decline(ResultCode.FORMAT_ERROR, f"F{k} missing")
             return
+    if 61 in f and len(str(f[61])) < (12 if txn.name in ("consume_void", "completion_void") else 16):
+        ctx.decline(ResultCode.FORMAT_ERROR, "F61 shorter than batch + STAN (+ date)")
+        return
     pin_fields = [k for k in (26, 52) if k in f]
     if _pin_entered(ctx):
         if len(pin_fields) != 2 or 53 not in f:
@@ -119,11 +138,46 @@ def check_mandatory(state: SwitchState, ctx: Context) -> None:
     elif pin_fields:
         ctx.decline(ResultCode.FORMAT_ERROR, "PIN fields without a PIN entry mode")
         return
+    if not _read_card(ctx):
+        return
+    if txn.name not in NO_AMOUNT:
+        if not _read_amount(ctx):
+            return
+    if is_wallet_request(ctx) and (ctx.pan is None or len(ctx.pan) != 18 or 35 in f):
+        ctx.decline(ResultCode.FORMAT_ERROR, "a payment code is 18 digits in F2")
+
+
+def _check_reversal_fields(ctx: Context) -> None:
+    """§11: the 0400 repeats the original's fields, plus 39 and 64. F2 only when the original
+    carried it (a swiped original's reversal has no card number)."""
+    f = ctx.request.fields
+    for k in (3, 11, 25, 39, 49, 64):
+        if k not in f:
+            ctx.decline(ResultCode.FORMAT_ERROR, f"F{k} missing")
+            return
+    if 2 in f:
+        ctx.pan = str(f[2])
+    if 4 in f:
+        _read_amount(ctx)
+
+
+def _read_amount(ctx: Context) -> bool:
+    amount = ctx.request.fields.get(4)
+    if not isinstance(amount, str) or not amount.isdigit() or int(amount) == 0:
+        ctx.decline(ResultCode.INVALID_AMOUNT, "amount missing or zero")
+        return False
+    ctx.amount_fen = int(amount)
+    return True
+
+
+def _read_card(ctx: Context) -> bool:
+    """PAN (and expiry) from F2 / F14 or from track 2, decrypting a TDK-encrypted track (§10.3)."""
+    f = ctx.request.fields
     f53 = f.get(53)
     encrypted_track = isinstance(f53, str) and f53[2:3] == "1"
     if encrypted_track and ctx.terminal is not None and ctx.terminal.key_mode != "004":
         ctx.decline(ResultCode.FORMAT_ERROR, "encrypted track without a 004 sign-on")
-        return
+        return False
     if 35 in f:
         track = str(f[35])
         if encrypted_track:
@@ -132,39 +186,59 @@ def check_mandatory(state: SwitchState, ctx: Context) -> None:
                 track = decrypt_track(ctx.terminal.tdk, track)
             except TrackError:
                 ctx.decline(ResultCode.FORMAT_ERROR, "track does not decrypt")
-                return
+                return False
         if not set(track) <= set("0123456789="):
             ctx.decline(ResultCode.FORMAT_ERROR, "track 2 holds a non-digit nibble")
-            return
+            return False
         ctx.track2 = track
         ctx.pan = pan_from_track2(track)
         ctx.expiry = expiry_from_track2(track)
         if ctx.pan is None:
             ctx.decline(ResultCode.FORMAT_ERROR, "track 2 has no PAN")
-            return
+            return False
     if 2 in f:
         ctx.pan = str(f[2])
     if ctx.pan is None:
         ctx.decline(ResultCode.FORMAT_ERROR, "neither F2 nor F35")
-        return
+        return False
     if isinstance(f.get(14), str):
         ctx.expiry = str(f[14])
-    if txn.name != "balance_inquiry":
-        amount = f.get(4)
-        if not isinstance(amount, str) or not amount.isdigit() or int(amount) == 0:
-            ctx.decline(ResultCode.INVALID_AMOUNT, "amount missing or zero")
-            return
-        ctx.amount_fen = int(amount)
+    return True
+
+
+def is_wallet_request(ctx: Context) -> bool:
+    """Scan-to-pay and its void and refund: F22 entry mode 03 (barcode/QR), F2 a payment code."""
+    return str(ctx.request.fields.get(22, ""))[:2] == "03"
 
 
 def check_card_and_route(state: SwitchState, ctx: Context) -> None:
-    """Step 8: Luhn (14), then a route by BIN (15). The chosen issuer is named in F44 even if down."""
-    if ctx.request.mti in MANAGEMENT_MTIS:
+    """Step 8: Luhn (14), then a route (15). Card numbers route by BIN (longest prefix), payment
+    codes of scan-to-pay by their prefix to a wallet and carry no Luhn digit (§7). The chosen
+    issuer is named in F44 even if its link is down. A transfer's destination (F48) is checked
+    the same way."""
+    txn = ctx.txn
+    if ctx.request.mti in MANAGEMENT_MTIS or txn is None:
         return
+    if txn.name == "reversal":
+        return  # the original decides; a swiped original's 0400 carries no card number
     assert ctx.pan is not None
+    if is_wallet_request(ctx):
+        ctx.issuer = state.wallet_routes.route(ctx.pan)
+        if ctx.issuer is None:
+            ctx.decline(ResultCode.NO_ROUTE, "no wallet for this payment code")
+        return
     if not luhn_ok(ctx.pan):
         ctx.decline(ResultCode.INVALID_CARD, "card number fails Luhn")
         return
     ctx.issuer = state.routes.route(ctx.pan)
     if ctx.issuer is None:
         ctx.decline(ResultCode.NO_ROUTE, "no route for BIN")
+        return
+    if txn.name == "transfer":
+        dest = str(ctx.request.fields.get(48, ""))
+        if not luhn_ok(dest):
+            ctx.decline(ResultCode.INVALID_CARD, "destination card fails Luhn")
+        elif state.routes.route(dest) is None:
+            ctx.decline(ResultCode.NO_ROUTE, "no route for the destination card")
+        elif dest == ctx.pan:
+            ctx.decline(ResultCode.INVALID_STATE, "destination is the source card")

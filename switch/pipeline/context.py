@@ -4,8 +4,12 @@ state the participants read (terminals, merchants, routes, links, keys, settings
 from __future__ import annotations
 
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+import anyio
 
 from switch.core.codec import Codec, Fields
 from switch.core.messages import Request
@@ -14,6 +18,10 @@ from switch.domain.cards import RoutingTable
 from switch.domain.codes import ResultCode
 from switch.domain.model import Merchant, Terminal
 from switch.ports import IssuerLink, Metrics
+
+if TYPE_CHECKING:
+    from switch.adapters.sqlite_store import Op, SqliteStore
+    from switch.pipeline.saf import StoreAndForward
 
 SHANGHAI = timezone(timedelta(hours=8), "Asia/Shanghai")  # no DST in China
 
@@ -40,6 +48,27 @@ class SwitchState:
     zone_pin_keys: dict[str, bytes]
     metrics: Metrics
     settings: Settings = field(default_factory=Settings)
+    wallet_routes: RoutingTable = field(default_factory=lambda: RoutingTable([]))
+    store: SqliteStore | None = None  # set by the TransactionManager
+    saf: StoreAndForward | None = None
+    # §11: requests being processed, by duplicate key; copies wait for the first one's answer
+    inflight: dict[str, InFlight] = field(default_factory=dict)
+    # one lock per original journal row: voids, refunds, completions and reversals of the same
+    # original are serialised from the read of its state to the commit of the change
+    original_locks: dict[int, anyio.Lock] = field(default_factory=dict)
+
+    def lock_for(self, row_id: int) -> anyio.Lock:
+        lock = self.original_locks.get(row_id)
+        if lock is None:
+            lock = self.original_locks[row_id] = anyio.Lock()
+        return lock
+
+
+@dataclass
+class InFlight:
+    digest: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    response: bytes | None = None
 
 
 @dataclass
@@ -70,6 +99,20 @@ class Context:
     rrn: str | None = None
     # terminal state changes ("terminal_keys" | "terminal_batch", terminal) committed with the journal row
     ops: list[tuple[str, Terminal]] = field(default_factory=list)
+    # other store changes committed in the same transaction as the journal row (original's state,
+    # store-and-forward queue), and what to do once that commit is durable
+    store_ops: list[Op] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+    # locks held until the journal row is committed (see SwitchState.lock_for)
+    held: AsyncExitStack = field(default_factory=AsyncExitStack)
+    # §11 duplicates
+    dup_key: str | None = None
+    digest: str | None = None
+    resend: bytes | None = None
+    # the original a void / refund / completion / reversal refers to (a journal row)
+    original: dict[str, Any] | None = None
+    journal_state: str | None = None  # overrides the state derived from the response code
+    legs: list[dict[str, Any]] = field(default_factory=list)  # transfer issuer legs
 
     def decline(self, rc: ResultCode, note: str | None = None) -> None:
         self.rc = rc

@@ -1,31 +1,24 @@
-"""Card transactions that go to an issuer: consume and balance inquiry (protocol §7, §10.2,
-§12.1 step 10). The issuer request is built from typed data (specs/issuer.md), the PIN block is
-translated to the issuer's zone PIN key, and the issuer's answer becomes the terminal's code.
+"""Requests that go to the card's issuer on their own: consume, scan-to-pay, balance inquiry and
+pre-auth (protocol §7, §10.2, §12.1 step 10). The PIN block is translated to the issuer's zone
+PIN key, the issuer message is built from typed data, and the issuer's answer becomes the
+terminal's code.
 """
 
 from __future__ import annotations
-
-import logging
-import time
 
 from switch.core.codec import Fields
 from switch.crypto.pin import PinBlockError, translate_pin_block
 from switch.domain.codes import ResultCode, from_issuer
 from switch.domain.money import fee_fen
+from switch.pipeline import issuer_leg
 from switch.pipeline.context import Context, SwitchState
-from switch.ports import IssuerTimeout, IssuerUnavailable
 
-log = logging.getLogger("switch.pipeline")
-
-# terminal transaction -> issuer (MTI, F3), see specs/issuer.md
-ISSUER_MESSAGE = {
-    "consume": ("0200", "000000"),
-    "balance_inquiry": ("0100", "310000"),
-}
+FEE_BEARING = frozenset({"consume", "scan_to_pay", "completion", "completion_advice"})
 
 
-def _translate_pin(state: SwitchState, ctx: Context) -> bytes | None:
-    """Step 10a: F52 under the terminal's PIK → the issuer's ZPK (99 when it does not decode)."""
+def translate_pin(state: SwitchState, ctx: Context) -> bytes | None:
+    """Step 10a: F52 under the terminal's PIK → the issuer's ZPK (99 when it does not decode).
+    None with no decline: no PIN was entered."""
     f = ctx.request.fields
     block = f.get(52)
     if not isinstance(block, bytes):
@@ -48,58 +41,51 @@ def _translate_pin(state: SwitchState, ctx: Context) -> bytes | None:
         return None
 
 
+def approve(state: SwitchState, ctx: Context, reply: Fields) -> bool:
+    """Turn the issuer's answer into the terminal's code; True when approved."""
+    code = str(reply.get(39, ""))
+    rc = from_issuer(code)
+    if rc is not ResultCode.APPROVED:
+        ctx.decline(rc, f"issuer answered {code}")
+        return False
+    ctx.rc = ResultCode.APPROVED
+    if ctx.txn is not None and ctx.txn.name in FEE_BEARING and ctx.amount_fen is not None:
+        assert ctx.merchant is not None
+        ctx.fee_fen = fee_fen(ctx.amount_fen, ctx.merchant.fee_rate)
+    return True
+
+
+def take_auth_code(ctx: Context, reply: Fields) -> bool:
+    """Every approved 0110/0210 except a balance inquiry carries a 6-character F38 (§4)."""
+    auth = reply.get(38)
+    if not isinstance(auth, str) or len(auth.strip()) != 6:
+        ctx.decline(ResultCode.SYSTEM_ERROR, "issuer approval without auth code")
+        return False
+    ctx.auth_code = auth
+    return True
+
+
 async def authorize(state: SwitchState, ctx: Context) -> None:
-    """Consume and balance inquiry at the issuer."""
+    """Consume, scan-to-pay, balance inquiry and pre-auth at the card's issuer (or wallet)."""
     txn = ctx.txn
-    assert txn is not None and ctx.issuer is not None and ctx.pan is not None
+    assert txn is not None and ctx.issuer is not None and ctx.pan is not None and ctx.rrn is not None
     link = state.links.get(ctx.issuer)
     if link is None or not link.is_up:
         ctx.decline(ResultCode.ISSUER_UNAVAILABLE, "issuer link down")
         return
-    pin_block = _translate_pin(state, ctx)
+    pin_block = translate_pin(state, ctx)
     if ctx.rc is not None:
         return
-    f = ctx.request.fields
-    mti, pcode = ISSUER_MESSAGE[txn.name]
-    out: Fields = {3: pcode}
-    if ctx.track2 is not None and 2 not in f:
-        out[35] = ctx.track2
-    else:
-        out[2] = ctx.pan
-    if ctx.amount_fen is not None:
-        out[4] = f"{ctx.amount_fen:012d}"
-    out[12] = ctx.now.strftime("%H%M%S")
-    out[13] = ctx.now.strftime("%m%d")
-    if ctx.expiry is not None:
-        out[14] = ctx.expiry
-    out[22] = str(f.get(22, "000"))
-    out[32] = state.settings.acquirer_id
-    assert ctx.rrn is not None
-    out[37] = ctx.rrn
-    out[41] = ctx.request.tid
-    out[42] = ctx.request.mid
-    out[49] = "156"
+    mti, pcode = issuer_leg.ISSUER_MESSAGE[txn.name]
+    out = issuer_leg.request_fields(
+        state, ctx, pcode, pan=ctx.pan, amount_fen=ctx.amount_fen, rrn=ctx.rrn,
+        use_track=2 not in ctx.request.fields,
+    )
     if pin_block is not None:
         out[52] = pin_block
     ctx.issuer_fields = out
-    t0 = time.perf_counter()
-    try:
-        _, reply = await link.send(mti, out, state.settings.issuer_timeout)
-    except IssuerUnavailable:
-        ctx.decline(ResultCode.ISSUER_UNAVAILABLE, "issuer link down")
-        return
-    except IssuerTimeout:
-        ctx.decline(ResultCode.ISSUER_TIMEOUT, "no issuer answer in time")
-        # a debit may have happened at the issuer: it must be reversed (store-and-forward, §11)
-        ctx.needs_reversal = txn.reversible
-        return
-    finally:
-        ctx.issuer_seconds = time.perf_counter() - t0
-    code = str(reply.get(39, ""))
-    ctx.issuer_rc = code
-    rc = from_issuer(code)
-    if rc is not ResultCode.APPROVED:
-        ctx.decline(rc, f"issuer answered {code}")
+    reply = await issuer_leg.call(state, ctx, ctx.issuer, mti, out, reverse_on_timeout=txn.reversible)
+    if reply is None or not approve(state, ctx, reply):
         return
     if txn.name == "balance_inquiry":
         balance = reply.get(54)
@@ -107,14 +93,9 @@ async def authorize(state: SwitchState, ctx: Context) -> None:
             ctx.decline(ResultCode.SYSTEM_ERROR, "issuer balance missing")
             return
         ctx.resp[54] = balance
-    else:
-        auth = reply.get(38)
-        if not isinstance(auth, str) or len(auth.strip()) != 6:
-            # an approval we cannot present to the terminal: reverse it rather than keep the money
-            ctx.decline(ResultCode.SYSTEM_ERROR, "issuer approval without auth code")
-            ctx.needs_reversal = txn.reversible
-            return
-        ctx.auth_code = auth
-        assert ctx.merchant is not None and ctx.amount_fen is not None
-        ctx.fee_fen = fee_fen(ctx.amount_fen, ctx.merchant.fee_rate)
-    ctx.rc = ResultCode.APPROVED
+        return
+    if not take_auth_code(ctx, reply):
+        # an approval we cannot present to the terminal: reverse it rather than keep the money
+        ctx.needs_reversal = True
+        issuer_leg.queue_reversal(state, ctx, ctx.issuer, mti, out, ctx.pan)
+        ctx.fee_fen = None

@@ -10,6 +10,7 @@ attempt is journaled.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -30,17 +31,28 @@ from switch.core.messages import (
 from switch.crypto.mac import cup_mac
 from switch.domain.cards import mask_pan
 from switch.domain.codes import ResultCode
-from switch.pipeline import checks, financial, management
+from switch.pipeline import (
+    checks,
+    duplicates,
+    financial,
+    management,
+    preauth,
+    refund,
+    reversal,
+    transfer,
+    void,
+)
 from switch.pipeline.context import SHANGHAI, Context, SwitchState
 
 log = logging.getLogger("switch.txn")
 
 Participant = Callable[[SwitchState, Context], Union[None, Awaitable[None]]]
 
-CHECKS: list[Callable[[SwitchState, Context], None]] = [
+CHECKS: list[Participant] = [
     checks.check_terminal,  # 2
     checks.check_transaction_key,  # 3
     checks.check_signed_on_and_mac,  # 4
+    duplicates.check_duplicate,  # 5
     checks.check_batch_and_day,  # 6
     checks.check_mandatory,  # 7
     checks.check_card_and_route,  # 8
@@ -54,7 +66,17 @@ SYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], None]] = {
 }
 ASYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], Awaitable[None]]] = {
     "consume": financial.authorize,
+    "scan_to_pay": financial.authorize,
     "balance_inquiry": financial.authorize,
+    "pre_auth": financial.authorize,
+    "consume_void": void.void,
+    "completion_void": void.void,
+    "refund": refund.refund,
+    "pre_auth_void": preauth.pre_auth_follow_up,
+    "completion": preauth.pre_auth_follow_up,
+    "completion_advice": preauth.pre_auth_follow_up,
+    "transfer": transfer.transfer,
+    "reversal": reversal.reversal,
 }
 
 CLOSE = None  # handle() returns None when the connection must be closed
@@ -64,6 +86,7 @@ class TransactionManager:
     def __init__(self, state: SwitchState, store: SqliteStore) -> None:
         self.state = state
         self.store = store
+        state.store = store
 
     async def handle(self, frame: Frame) -> bytes | None:
         """Process one frame. Returns response bytes, or None: close the connection (counted)."""
@@ -77,22 +100,45 @@ class TransactionManager:
             return await self._format_error(parsed)
         ctx = Context(parsed, datetime.now(SHANGHAI))
         state.metrics.in_flight(1)
+        data: bytes | None = None
         try:
-            await self._run(ctx)
-        except Exception:
-            log.exception("participant failed; answering 96")
-            ctx.rc = ResultCode.SYSTEM_ERROR
-            ctx.note = "internal error"
+            try:
+                await self._run(ctx)
+            except Exception:
+                log.exception("participant failed; answering 96")
+                ctx.rc = ResultCode.SYSTEM_ERROR
+                ctx.note = "internal error"
+                ctx.store_ops.clear()
+                ctx.after_commit.clear()
+            if ctx.resend is not None:
+                await self._journal(ctx, ResultCode(self._resent_code(ctx.resend)))
+                data = ctx.resend
+            else:
+                data = await self._respond(ctx)
+            return data
         finally:
+            # release the original's lock and any copies waiting on this request (§11), only now
+            # that its journal row is durable (or the attempt failed and nothing was answered)
+            await ctx.held.aclose()
+            duplicates.finish(state, ctx, data)
             state.metrics.in_flight(-1)
-        return await self._respond(ctx)
+
+    def _resent_code(self, frame: bytes) -> str:
+        try:
+            _, fields = self.state.codec.decode(frame[13:])
+        except Exception:
+            return ResultCode.SYSTEM_ERROR.value
+        code = fields.get(39)
+        return code if isinstance(code, str) and code in ResultCode._value2member_map_ else "96"
 
     async def _run(self, ctx: Context) -> None:
         state = self.state
         checks.classify_request(ctx)
         for check in CHECKS:
-            check(state, ctx)
-            if ctx.rc is not None:
+            result = check(state, ctx)
+            if result is not None:
+                await result
+            if ctx.rc is not None or ctx.resend is not None:
                 return
         txn = ctx.txn
         assert txn is not None
@@ -178,12 +224,10 @@ class TransactionManager:
             mak = t.mak
             mac = lambda mab: cup_mac(mak, mab)  # noqa: E731
         data = encode_response(state.codec, req, fields, self._digit6(ctx), mac)
-        await self._journal(ctx, rc)
+        await self._journal(ctx, rc, data)
         seconds = time.perf_counter() - ctx.started
         txn_label = ctx.txn.name if ctx.txn else "unknown"
         state.metrics.request_completed(txn_label, rc.value, seconds)
-        if ctx.issuer_seconds is not None and ctx.issuer:
-            pass  # issuer latency is reported by the link itself
         log.info(
             "txn=%s tid=%s stan=%s rc=%s pan=%s amount_fen=%s issuer=%s rrn=%s ms=%.2f%s",
             txn_label, req.tid, req.stan, rc.value, mask_pan(ctx.pan) if ctx.pan else "-",
@@ -192,15 +236,31 @@ class TransactionManager:
         )
         return data
 
-    async def _journal(self, ctx: Context, rc: ResultCode) -> None:
+    def _journal_state(self, ctx: Context, rc: ResultCode) -> str | None:
+        """The state of this row as an original for later requests (see pipeline/originals.py)."""
+        if ctx.journal_state is not None:
+            return ctx.journal_state
+        if ctx.txn is None or not ctx.txn.financial:
+            return None
+        if ctx.needs_reversal:
+            return "reversed"  # reversed by the switch after a timeout (§11)
+        return "approved" if rc is ResultCode.APPROVED else "declined"
+
+    async def _journal(self, ctx: Context, rc: ResultCode, response: bytes | None = None) -> None:
+        """Commit the journal row with every state change of this request, durably, then run
+        what waits for that commit (store-and-forward wake-ups)."""
         req = ctx.request
         f = req.fields
+        store = self.store
         ops = []
         for kind, terminal in ctx.ops:
             if kind == "terminal_keys":
-                ops.append(self.store.op_terminal_keys(terminal))
+                ops.append(store.op_terminal_keys(terminal))
             else:
-                ops.append(self.store.op_terminal_batch(terminal))
+                ops.append(store.op_terminal_batch(terminal))
+        ops.extend(ctx.store_ops)
+        resent = ctx.resend is not None
+        financial_row = ctx.txn is not None and ctx.txn.financial
         entry = JournalEntry(
             created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             business_date=ctx.business_date,
@@ -212,25 +272,33 @@ class TransactionManager:
             pcode=_s(f.get(3)),
             stan=req.stan or None,
             batch=ctx.f60.batch if ctx.f60 else None,
-            rrn=ctx.rrn,
+            rrn=None if resent else ctx.rrn,
             auth_code=ctx.auth_code,
             amount_fen=ctx.amount_fen,
-            fee_fen=ctx.fee_fen if rc is ResultCode.APPROVED else None,
+            fee_fen=ctx.fee_fen if rc is ResultCode.APPROVED and not resent else None,
             currency=_s(f.get(49)),
             pan_masked=mask_pan(ctx.pan) if ctx.pan else None,
-            pan_token=self.store.pan_token(ctx.pan) if ctx.pan else None,
+            pan_token=store.pan_token(ctx.pan) if ctx.pan else None,
             entry_mode=_s(f.get(22)),
             issuer=ctx.issuer,
             issuer_stan=_s(ctx.issuer_fields.get(11)),
             issuer_f7=_s(ctx.issuer_fields.get(7)),
             issuer_response_code=ctx.issuer_rc,
             needs_reversal=ctx.needs_reversal,
-            request_digest=hashlib.sha256(req.frame.body).hexdigest(),
+            request_digest=ctx.digest or hashlib.sha256(req.frame.body).hexdigest(),
             latency_us=int((time.perf_counter() - ctx.started) * 1e6),
             issuer_latency_us=int(ctx.issuer_seconds * 1e6) if ctx.issuer_seconds is not None else None,
             note=ctx.note,
+            dup_key=None if resent else ctx.dup_key,
+            response_blob=store.wrap_response(response, ctx.dup_key) if response and ctx.dup_key else None,
+            state=self._journal_state(ctx, rc),
+            original_id=int(ctx.original["id"]) if ctx.original is not None else None,
+            pan_enc=store.wrap_pan(ctx.pan) if ctx.pan and financial_row and not resent else None,
+            legs=json.dumps(ctx.legs) if ctx.legs else None,
         )
-        await self.store.write(*ops, self.store.op_journal(entry))
+        await store.write(*ops, store.op_journal(entry))
+        for callback in ctx.after_commit:
+            callback()
 
     async def _format_error(self, bad: Malformed) -> bytes:
         p = bad.partial

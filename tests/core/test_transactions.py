@@ -135,13 +135,20 @@ def test_reversal_of_a_reversible_type(fields: Fields, original: TxnType) -> Non
     [(r[2], r[3]) for r in NON_REVERSIBLE_FIN_ROWS],
     ids=[r[0] for r in NON_REVERSIBLE_FIN_ROWS],
 )
-def test_reversal_of_a_non_reversible_type_is_none(fields: Fields, original: TxnType) -> None:
-    assert classify("0400", {**fields, 39: "98"}) is None
+def test_reversal_of_a_non_reversible_type_is_a_reversal_answered_12_later(
+    fields: Fields, original: TxnType
+) -> None:
+    """§11: the key exists (0400 + the original's F3/F25/60.1); a non-reversible original is
+    found and refused with 12 at step 9, not answered 40."""
+    assert classify("0400", {**fields, 39: "98"}) is tx.REVERSAL
     assert original_type(fields) is original
+    assert not original.reversible
 
 
-def test_reversal_of_balance_inquiry_is_none() -> None:
-    assert classify("0400", fin("0400", "310000", "00", "01")) is None
+def test_reversal_of_balance_inquiry_is_a_reversal_of_a_non_reversible_type() -> None:
+    fields = fin("0400", "310000", "00", "01")
+    assert classify("0400", fields) is tx.REVERSAL
+    assert original_type(fields) is tx.BALANCE_INQUIRY and not tx.BALANCE_INQUIRY.reversible
 
 
 def test_reversal_of_scan_to_pay() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import pytest
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient
 
+STAN_BLOCKS = itertools.count(1, 1000)  # each client gets its own block of trace numbers
 READY = re.compile(r"switch ready: terminal port (\d+), metrics port (\d+)")
 
 
@@ -82,9 +84,14 @@ class DemoSwitch:
                 self.proc.stdout.close()
 
     def terminal(self, tid: str = "10000001", **kw: object) -> TerminalClient:
+        """A terminal client whose trace numbers never repeat those of earlier clients: the switch
+        treats a repeated TID + batch + STAN + MTI as a duplicate (§11), as a real terminal's
+        ever-increasing trace number never does."""
         t = TERMINALS_BY_TID[tid]
         assert t.tmk_hex is not None
-        return TerminalClient("127.0.0.1", self.port, tid, t.mid, bytes.fromhex(t.tmk_hex), **kw)  # type: ignore[arg-type]
+        client = TerminalClient("127.0.0.1", self.port, tid, t.mid, bytes.fromhex(t.tmk_hex), **kw)  # type: ignore[arg-type]
+        client.next_stan = next(STAN_BLOCKS)
+        return client
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:

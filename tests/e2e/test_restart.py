@@ -35,7 +35,8 @@ async def test_restart_keeps_journal_and_keys(tmp_path: Path) -> None:
         assert sw.stop() == 0
         assert "draining" in sw.log_text()
         rows = journal_rows(tmp_path)
-        assert ("sign_on", "000001", "00") in rows and ("consume", "000002", "00") in rows
+        first_stan = int(str(first.fields[11]))
+        assert ("sign_on", f"{first_stan - 1:06d}", "00") in rows and ("consume", f"{first_stan:06d}", "00") in rows
 
         again = DemoSwitch(tmp_path)
         again.start()
@@ -48,8 +49,8 @@ async def test_restart_keeps_journal_and_keys(tmp_path: Path) -> None:
         finally:
             again.stop()
         rows = journal_rows(tmp_path)
-        assert rows[:2] == [("sign_on", "000001", "00"), ("consume", "000002", "00")]
-        assert ("consume", "000003", "00") in rows
+        assert rows[:2] == [("sign_on", f"{first_stan - 1:06d}", "00"), ("consume", f"{first_stan:06d}", "00")]
+        assert ("consume", f"{first_stan + 1:06d}", "00") in rows
     finally:
         sw.kill()
 
@@ -74,8 +75,9 @@ async def test_sigterm_finishes_in_flight_requests(tmp_path: Path) -> None:
                 assert sw.proc is not None
                 sw.proc.terminate()
         assert codes == ["98"]
+        stan = f"{term.next_stan - 1:06d}"
         assert sw.proc is not None
         assert await anyio.to_thread.run_sync(sw.proc.wait, 20) == 0  # drained and exited by itself
-        assert ("consume", "000002", "98") in journal_rows(tmp_path)
+        assert ("consume", stan, "98") in journal_rows(tmp_path)
     finally:
         sw.kill()

@@ -10,6 +10,8 @@ do not import this file.
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,9 @@ from switch.pos.client import TerminalClient
 HANDLE_LIMIT = 5.0  # seconds one manager.handle() may take before the test fails
 ISSUER_TIMEOUT = 0.2  # the SLOW issuer never answers: keep 98s quick
 
+
+
+STAN_BLOCKS = itertools.count(1, 1000)
 
 @dataclass
 class Decoded:
@@ -88,6 +93,15 @@ class RecordingMetrics:
     def malformed_frame(self, reason: str) -> None:
         self.malformed.append(reason)
 
+    def saf_state(self, issuer: str, depth: int, oldest_age_seconds: float) -> None:
+        pass
+
+    def saf_attempt(self, issuer: str, outcome: str) -> None:
+        pass
+
+    def duplicate(self, outcome: str) -> None:
+        pass
+
     def mac_failure(self) -> None:
         self.mac_failures += 1
 
@@ -115,7 +129,9 @@ class Harness:
         demo = TERMINALS_BY_TID.get(tid)
         tmk = bytes.fromhex(demo.tmk_hex) if demo is not None and demo.tmk_hex else bytes(range(16))
         real_mid = mid if mid is not None else (demo.mid if demo is not None else "898310048990001")
-        return TerminalClient("127.0.0.1", 1, tid, real_mid, tmk)
+        client = TerminalClient("127.0.0.1", 1, tid, real_mid, tmk)
+        client.next_stan = next(STAN_BLOCKS)  # never repeat a trace number: that is a duplicate (§11)
+        return client
 
     @staticmethod
     def tmk_of(tid: str) -> bytes:

@@ -334,7 +334,7 @@ async def test_declines_before_routing_carry_the_financial_set(harness: Harness,
 
 async def test_unsupported_transaction_key_is_40_with_the_financial_set(harness: Harness) -> None:
     client = await harness.ready()
-    f = client.card_fields(processing_code="030000", type_code="10", card=RICH, amount_fen=100,
+    f = client.card_fields(processing_code="990000", type_code="10", card=RICH, amount_fen=100,
                            entry="manual", expiry="3012", condition_code="06")
     raw, sent = client.build_frame("0100", f, mac=True)
     resp = await harness.exchange(raw)

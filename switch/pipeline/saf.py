@@ -1,0 +1,206 @@
+"""Store-and-forward: reversals and advices that an issuer must eventually take (protocol §7, §11).
+
+A message is queued in the same database commit as the journal row that made it necessary, so
+it survives a crash or restart. The worker sends what is due, marks every send after the first
+as a retransmission (0400 → 0401, 0220 → 0221), and retries with capped exponential backoff
+until the issuer gives a final answer. A reversal's attempts carry a fresh F11/F7 and name the
+original in F90; an advice keeps the F11/F7 of its first transmission so that the issuer can
+recognise a repeat.
+
+Final answers: ``00`` and, for reversals, ``25`` (the issuer never saw the original: nothing to
+undo) mark the message done; any other answer except the transient ``91``/``96`` is final too but
+marked ``refused`` and logged as an error for reconciliation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import anyio
+import anyio.abc
+
+from switch.core.codec import Fields
+from switch.ports import IssuerLink, IssuerTimeout, IssuerUnavailable, Metrics
+
+if TYPE_CHECKING:
+    from switch.adapters.sqlite_store import Op, SqliteStore
+
+log = logging.getLogger("switch.saf")
+
+REPEAT_MTI = {"0400": "0401", "0220": "0221"}
+TRANSIENT_CODES = frozenset({"91", "96"})
+IDLE_POLL = 5.0
+
+
+def encode_fields(fields: Fields) -> bytes:
+    return json.dumps(
+        {str(k): (["b", v.hex()] if isinstance(v, bytes) else ["s", v]) for k, v in fields.items()}
+    ).encode()
+
+
+def decode_fields(raw: bytes) -> Fields:
+    out: Fields = {}
+    for k, (kind, v) in json.loads(raw).items():
+        out[int(k)] = bytes.fromhex(v) if kind == "b" else v
+    return out
+
+
+class StoreAndForward:
+    def __init__(
+        self,
+        store: SqliteStore,
+        links: dict[str, IssuerLink],
+        metrics: Metrics,
+        *,
+        timeout: float = 5.0,
+        base_delay: float = 0.5,
+        max_delay: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.links = links
+        self.metrics = metrics
+        self.timeout = timeout
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.clock = clock
+        self._wake = anyio.Event()
+        self._busy: set[int] = set()
+
+    # ---- queueing (ops committed with the journal row) ------------------------------------
+    def op_enqueue(self, issuer: str, kind: str, mti: str, fields: Fields, journal_id: int | None) -> Op:
+        blob = self.store.master_key.wrap(encode_fields(fields), f"saf:{issuer}")
+        now = self.clock()
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO saf_queue (issuer, kind, mti, fields, journal_id, created_at, next_attempt)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (issuer, kind, mti, blob, journal_id, now, now),
+            )
+
+        return op
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- delivery -------------------------------------------------------------------------
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The worker: delivers what is due, sleeps until the next due message or a wake-up."""
+        task_status.started()
+        while True:
+            await self.deliver_due()
+            pending = self.store.query(
+                "SELECT MIN(next_attempt) AS t FROM saf_queue WHERE state = 'pending'"
+            )
+            due = pending[0]["t"] if pending and pending[0]["t"] is not None else None
+            wait = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - self.clock()))
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def deliver_due(self, issuer: str | None = None) -> None:
+        """Send every due message (of one issuer, or all), one at a time per issuer, in order."""
+        sql = "SELECT * FROM saf_queue WHERE state = 'pending' AND next_attempt <= ?"
+        params: list[Any] = [self.clock()]
+        if issuer is not None:
+            sql += " AND issuer = ?"
+            params.append(issuer)
+        rows = self.store.query(sql + " ORDER BY id", params)
+        by_issuer: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if row["id"] not in self._busy:
+                by_issuer.setdefault(row["issuer"], []).append(row)
+        async with anyio.create_task_group() as tg:
+            for name, queue in by_issuer.items():
+                tg.start_soon(self._deliver_queue, name, queue)
+        self.report_depth()
+
+    async def _deliver_queue(self, issuer: str, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["id"] in self._busy:
+                continue
+            self._busy.add(row["id"])
+            try:
+                await self._attempt(issuer, row)
+            finally:
+                self._busy.discard(row["id"])
+
+    async def _attempt(self, issuer: str, row: dict[str, Any]) -> None:
+        fields = decode_fields(self.store.master_key.unwrap(row["fields"], f"saf:{issuer}"))
+        if row["kind"] == "reversal":
+            # a reversal names its original in F90: each attempt gets a fresh F11/F7
+            fields.pop(11, None)
+            fields.pop(7, None)
+        # an advice keeps the F11/F7 of its first transmission, so an issuer that already took
+        # it recognises the repeat (specs/issuer.md: same F11 + F7 → first answer, no second effect)
+        mti = row["mti"] if row["attempts"] == 0 else REPEAT_MTI.get(row["mti"], row["mti"])
+        link = self.links.get(issuer)
+        code: str | None = None
+        try:
+            if link is None:
+                raise IssuerUnavailable(f"no link to {issuer}")
+            _, reply = await link.send(mti, fields, self.timeout)
+            code = str(reply.get(39, ""))
+            outcome = "refused" if code in TRANSIENT_CODES else "acknowledged"
+        except IssuerUnavailable:
+            outcome = "unavailable"
+        except IssuerTimeout:
+            outcome = "timeout"
+        except ValueError:  # its F11 is still in flight on the link: try again later
+            outcome = "timeout"
+        self.metrics.saf_attempt(issuer, outcome)
+        attempts = int(row["attempts"]) + 1
+        now = self.clock()
+        if outcome == "acknowledged":
+            final = "done" if code == "00" or (code == "25" and row["kind"] == "reversal") else "refused"
+            if final == "refused":
+                log.error("store-and-forward: issuer %s refused %s #%s with %s; reconcile by hand",
+                          issuer, row["kind"], row["id"], code)
+            else:
+                log.info("store-and-forward: %s #%s acknowledged by %s (%s) after %d attempt(s)",
+                         row["kind"], row["id"], issuer, code, attempts)
+            await self.store.write(self._op_finish(row["id"], final, attempts, code, now))
+        else:
+            delay = min(self.max_delay, self.base_delay * (2 ** min(attempts - 1, 16)))
+            log.info("store-and-forward: %s #%s to %s: %s, retry in %.1fs",
+                     row["kind"], row["id"], issuer, outcome if code is None else code, delay)
+            await self.store.write(self._op_retry(row["id"], attempts, code or outcome, now + delay))
+
+    @staticmethod
+    def _op_finish(row_id: int, state: str, attempts: int, code: str | None, now: float) -> Op:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE saf_queue SET state=?, attempts=?, last_response=?, done_at=? WHERE id=?",
+                (state, attempts, code, now, row_id),
+            )
+
+        return op
+
+    @staticmethod
+    def _op_retry(row_id: int, attempts: int, last: str, next_attempt: float) -> Op:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE saf_queue SET attempts=?, last_response=?, next_attempt=? WHERE id=?",
+                (attempts, last, next_attempt, row_id),
+            )
+
+        return op
+
+    def report_depth(self) -> None:
+        now = self.clock()
+        rows = self.store.query(
+            "SELECT issuer, COUNT(*) AS n, MIN(created_at) AS oldest FROM saf_queue"
+            " WHERE state = 'pending' GROUP BY issuer"
+        )
+        seen = set()
+        for r in rows:
+            seen.add(r["issuer"])
+            self.metrics.saf_state(r["issuer"], int(r["n"]), max(0.0, now - float(r["oldest"])))
+        for name in self.links:
+            if name not in seen:
+                self.metrics.saf_state(name, 0, 0.0)
