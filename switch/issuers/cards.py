@@ -12,7 +12,7 @@ from typing import Literal
 
 CardStatus = Literal["normal", "lost", "stolen", "refuses_credit"]
 IssuerKind = Literal["card", "wallet"]
-Behaviour = Literal["normal", "silent"]
+Behaviour = Literal["normal", "silent", "blackhole"]
 
 # Demo zone PIN keys (double-length 3DES, 16 bytes). Test keys only: never use them for real.
 ICBC_ZPK_HEX = "0123456789ABCDEFFEDCBA9876543210"
@@ -27,7 +27,7 @@ WALLET_LIMIT_FEN = 500_000  # 5,000.00 CNY per payment; above it the wallet answ
 
 @dataclass
 class Card:
-    """One card on an issuer's books. ``balance_fen`` is the available balance."""
+    """One card on an issuer's books. ``balance_fen`` is the ledger balance (holds not deducted)."""
 
     pan: str
     expiry: str  # YYMM

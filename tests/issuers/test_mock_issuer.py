@@ -196,15 +196,15 @@ async def test_retransmission_gets_the_same_answer_and_debits_once() -> None:
     assert mock.balance_of(RICH) == 100_000_000 - 700
 
 
-async def test_void_refund_and_refused_credit() -> None:
+async def test_refund_without_original_credits_void_without_original_is_25() -> None:
     cmb = mock_from_demo(demo_issuers()["CMB"])
     async with serving(cmb) as client:
         _, refused = await client.request("0220", {**consume(CMB_REFUSES_CREDIT, 100), 3: "200000"})
         _, refund = await client.request("0220", {**consume("6214834474520070", 100), 3: "200000"})
         _, void = await client.request("0200", {**consume("6214834474520070", 50), 3: "200000"})
-    assert (refused[39], refund[39], void[39]) == ("05", "00", "00")
+    assert (refused[39], refund[39], void[39]) == ("05", "00", "25")
     assert cmb.balance_of(CMB_REFUSES_CREDIT) == 0
-    assert cmb.balance_of("6214834474520070") == 2_000_000 + 150
+    assert cmb.balance_of("6214834474520070") == 2_000_000 + 100
 
 
 async def test_pre_auth_holds_and_completion_captures() -> None:
@@ -212,12 +212,12 @@ async def test_pre_auth_holds_and_completion_captures() -> None:
     async with serving(mock) as client:
         _, pre = await client.request("0100", {**consume(POOR, 6000), 3: "030000"})
         assert pre[39] == "00"
-        assert mock.balance_of(POOR) == 4000
+        assert (mock.balance_of(POOR), mock.available_of(POOR)) == (10_000, 4000)
         _, completion = await client.request("0200", consume(POOR, 6900, f38=str(pre[38])))
         _, again = await client.request("0200", consume(POOR, 100, f38=str(pre[38])))
     assert completion[39] == "00" and completion[38] == pre[38]
     assert again[39] == "25"
-    assert mock.balance_of(POOR) == 10_000 - 6900
+    assert mock.balance_of(POOR) == mock.available_of(POOR) == 10_000 - 6900
 
 
 async def test_echo_and_unsupported_processing_code() -> None:
