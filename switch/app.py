@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import anyio
 import anyio.abc
@@ -195,22 +195,29 @@ async def run_demo(
     metrics_port: int = 9100,
     issuer_timeout: float = 2.0,
     handle_signals: bool = True,
+    mocks: dict[str, Any] | None = None,
+    issuer_ports: dict[str, int] | None = None,
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The demo: mock issuers (``mocks`` to keep handles on them, e.g. from
+    ``switch.issuers.run.demo_mocks()``; ``issuer_ports`` to pin their ports across a restart),
+    the §14 fixture in ``data_dir``, and the switch."""
     from switch.issuers.cards import demo_issuers
     from switch.issuers.run import run_demo_issuers
 
     master_key = load_master_key(data_dir, create=True)
     fixture = demo_issuers()
     async with anyio.create_task_group() as tg:
-        issuer_ports: dict[str, int] = await tg.start(run_demo_issuers, host)
+        bound: dict[str, int] = await tg.start(
+            lambda task_status: run_demo_issuers(host, issuer_ports, mocks=mocks, task_status=task_status)
+        )
         endpoints = [
-            IssuerEndpoint(name, host, issuer_ports.get(name) or _closed_port(host), d.prefixes, d.kind)
+            IssuerEndpoint(name, host, bound.get(name) or _closed_port(host), d.prefixes, d.kind)
             for name, d in fixture.items()
         ]
         cfg = AppConfig(
             data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
-            issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(issuer_ports),
+            issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound),
         )
 
         async def switch_then_stop(*, task_status: anyio.abc.TaskStatus[Running]) -> None:
