@@ -57,24 +57,34 @@ def _journal(argv: list[str]) -> int:
     return 0
 
 
+# command -> "module:function" taking argv and returning the exit code; imported on use
+COMMANDS: dict[str, str] = {
+    "demo": "switch.cli:_demo",
+    "journal": "switch.cli:_journal",
+    "issuer": "switch.issuers.run:main_issuer",
+    "pos": "switch.pos.cli:pos_main",
+    "merchant": "switch.admin.merchant_cli:main",
+    "terminal": "switch.admin.terminal_cli:main",
+    "report": "switch.admin.report_cli:main",
+    "payout": "switch.admin.payout_cli:main",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo", "issuer", "pos", "journal"}
-    if not argv or argv[0] not in commands:
-        print("usage: switch {demo,issuer,pos,journal} [options]   (switch COMMAND --help)", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: switch {{{','.join(COMMANDS)}}} [options]   (switch COMMAND --help)", file=sys.stderr)
         return 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "demo":
-        return _demo(rest)
-    if cmd == "journal":
-        return _journal(rest)
-    if cmd == "issuer":
-        from switch.issuers.run import main_issuer
-
-        return main_issuer(rest)
-    from switch.pos.cli import pos_main
-
-    return pos_main(rest)
+    module_name, func_name = COMMANDS[argv[0]].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        print(f"switch {argv[0]}: not available in this build", file=sys.stderr)
+        return 2
+    result = getattr(module, func_name)(argv[1:])
+    return int(result or 0)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -83,6 +83,45 @@ MIGRATIONS: list[str] = [
         last_response TEXT, done_at REAL
     );
     CREATE INDEX saf_pending ON saf_queue(state, issuer, next_attempt);
+    """,
+    # v3: merchants and money — onboarding data (sensitive parts wrapped), settlement, payouts,
+    # merchant notifications; change_seq lets a running switch pick up CLI changes
+    """
+    ALTER TABLE merchants ADD COLUMN owner_name TEXT;
+    ALTER TABLE merchants ADD COLUMN id_card_enc BLOB;
+    ALTER TABLE merchants ADD COLUMN bank_account_enc BLOB;
+    ALTER TABLE merchants ADD COLUMN bank_name TEXT;
+    ALTER TABLE merchants ADD COLUMN licence_no TEXT;
+    ALTER TABLE merchants ADD COLUMN webhook_url TEXT;
+    ALTER TABLE merchants ADD COLUMN webhook_secret_enc BLOB;
+    ALTER TABLE merchants ADD COLUMN created_at TEXT;
+    ALTER TABLE merchants ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE terminals ADD COLUMN device_serial TEXT;
+    ALTER TABLE terminals ADD COLUMN activated_at TEXT;
+    ALTER TABLE terminals ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE settlements (
+        tid TEXT NOT NULL, batch TEXT NOT NULL, business_date TEXT NOT NULL,
+        request_f48 TEXT NOT NULL, response_f48 TEXT NOT NULL, result TEXT NOT NULL,
+        created_at TEXT NOT NULL, PRIMARY KEY (tid, batch)
+    );
+    CREATE TABLE batch_uploads (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, tid TEXT NOT NULL, batch TEXT NOT NULL,
+        nmc TEXT NOT NULL, records TEXT NOT NULL, differences TEXT, created_at TEXT NOT NULL
+    );
+    CREATE TABLE payouts (
+        mid TEXT NOT NULL, business_date TEXT NOT NULL, approved_fen INTEGER NOT NULL,
+        fees_fen INTEGER NOT NULL, refunds_fen INTEGER NOT NULL, net_fen INTEGER NOT NULL,
+        balance_before_fen INTEGER NOT NULL, paid_fen INTEGER NOT NULL, carried_fen INTEGER NOT NULL,
+        created_at TEXT NOT NULL, PRIMARY KEY (mid, business_date)
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, mid TEXT NOT NULL, event TEXT NOT NULL,
+        created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending', last_error TEXT, delivered_at REAL
+    );
+    CREATE INDEX outbox_pending ON outbox(state, next_attempt);
+    CREATE INDEX journal_mid_date ON journal(mid, business_date);
+    INSERT OR IGNORE INTO meta(key, value) VALUES('change_seq', '0');
     """,
 ]
 
@@ -333,7 +372,8 @@ class SqliteStore:
     # ---- sync writes used at set-up (demo fixture, CLI) -----------------------------------
     def add_merchant(self, m: Merchant) -> None:
         self.db.execute(
-            "INSERT INTO merchants VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO merchants (mid, kind, shop_name, state, fee_rate, monthly_limit_fen, params_version)"
+            " VALUES (?,?,?,?,?,?,?)",
             (m.mid, m.kind, m.shop_name, m.state, str(m.fee_rate), m.monthly_limit_fen, m.params_version),
         )
 
