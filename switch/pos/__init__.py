@@ -9,7 +9,9 @@ and must never log or print a PIN, PIN block, track, key or full PAN.
 
 from switch.pos.client import (
     NotSignedOnError,
+    OriginalRef,
     Response,
+    ResponseTimeout,
     TerminalClient,
     TerminalConnectionError,
     TerminalError,
@@ -21,7 +23,9 @@ from switch.pos.receipt import RESPONSE_CODES, format_receipt, format_yuan, mask
 __all__ = [
     "RESPONSE_CODES",
     "NotSignedOnError",
+    "OriginalRef",
     "Response",
+    "ResponseTimeout",
     "TerminalClient",
     "TerminalConnectionError",
     "TerminalError",

@@ -8,8 +8,12 @@ Owns the terminal's side of the conversation:
 - terminal state: the STAN counter (``next_stan``), the current batch (60.2 of the last sign-on
   response), the key mode and the clear working keys after sign-on (§8), downloaded parameters;
 - building requests: management messages (sign-on, sign-off, echo test, parameter download) and
-  card transactions (consume, balance inquiry), with F22/F26/F52/F53 per §4 and §10.2, track
+  every card transaction of §6 (consume, balance inquiry, scan-to-pay, consume void, refund,
+  pre-auth, pre-auth void, completion request / advice, completion void, transfer, reversal),
+  all through one field builder (``card_fields``), with F22/F26/F52/F53 per §4 and §10.2, track
   encryption per §10.3 and the MAC of §10.1 (encode once with an 8-zero-byte F64, replace it);
+- follow-ups name their original (§6.1, §7) from an earlier ``Response`` or an ``OriginalRef``
+  typed in by hand: F37 its RRN, F38 its auth code, F61 its batch + STAN + F13 date;
 - checking each response MAC with the MAK (``Response.mac_ok``).
 
 Must not log or put into exceptions a PIN, PIN block, track, key or full PAN (PANs are masked to
@@ -32,6 +36,7 @@ from switch.core.framing import ENVELOPE_LEN, LEN_BYTES, Frame, FrameReader, Fra
 from switch.core.messages import MAC_LEN
 from switch.crypto.mac import cup_mac, verify_mac
 from switch.crypto.pin import encrypt_pin_block
+from switch.crypto.track import TrackError, decrypt_track
 from switch.crypto.track import encrypt_track as _encrypt_track
 from switch.crypto.working_keys import WorkingKeys, parse_f62
 from switch.pos.receipt import mask_pan
@@ -41,7 +46,9 @@ __all__ = [
     "DEFAULT_TPDU",
     "ENTRY_MODES",
     "NotSignedOnError",
+    "OriginalRef",
     "Response",
+    "ResponseTimeout",
     "TerminalClient",
     "TerminalConnectionError",
     "TerminalError",
@@ -59,8 +66,9 @@ _CLIENT_MAX_FRAME = 0xFFFF
 _MAX_AMOUNT_FEN = 999_999_999_999  # F4 is n12
 _DIGITS = frozenset("0123456789")
 
-# §4 field 22, digits 1-2.
-ENTRY_MODES = {"manual": "01", "swipe": "02", "ic": "05", "contactless": "07"}
+# §4 field 22, digits 1-2 (``scan``: a wallet payment code read from the customer's QR/barcode).
+ENTRY_MODES = {"manual": "01", "swipe": "02", "scan": "03", "ic": "05", "contactless": "07"}
+_ENTRY_BY_CODE = {code: name for name, code in ENTRY_MODES.items()}
 # §11: fields a reversal repeats from its original.
 _REVERSAL_FIELDS = (2, 3, 4, 11, 14, 22, 25, 49, 60, 61, 38)
 
@@ -77,6 +85,17 @@ class TerminalConnectionError(TerminalError):
 
 class NotSignedOnError(TerminalError):
     """The request needs working keys (a PIN or an encrypted track) and there are none."""
+
+
+class ResponseTimeout(TimeoutError):
+    """No response within the timeout. Carries the request as sent (``mti``, ``request_fields``)
+    so the caller can reverse it (§11); its message names only the MTI and the STAN."""
+
+    def __init__(self, mti: str, request_fields: Fields, limit: float) -> None:
+        stan = request_fields.get(11)
+        super().__init__(f"no response to {mti} stan={stan if isinstance(stan, str) else '-'} within {limit} s")
+        self.mti = mti
+        self.request_fields = request_fields
 
 
 @dataclass(frozen=True, repr=False)
@@ -138,6 +157,68 @@ class Response:
 
 def _text(value: FieldValue | None) -> str:
     return value if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True, repr=False)
+class OriginalRef:
+    """What a follow-up (void, refund, pre-auth void, completion, completion void) needs of its
+    original: how the card was presented, the amount, and the references the switch finds the
+    original by (§6.1, §7). ``TerminalClient.original_of(response)`` fills it from a response the
+    terminal got; a person chaining transactions by hand builds it from the printed slip.
+
+    ``track2`` is the clear track (only for a swiped card; never printed: ``repr`` masks the PAN).
+    ``batch`` and ``stan`` are the original request's 60.2 and F11, ``date`` the F13 (MMDD) of its
+    response, ``rrn`` its F37 and ``auth_code`` its F38.
+    """
+
+    card: str
+    amount_fen: int | None
+    entry: str = "swipe"
+    expiry: str | None = None
+    track2: str | None = None
+    encrypted_track: bool = False
+    card_seq: str | None = None
+    rrn: str = ""
+    auth_code: str = ""
+    batch: str = ""
+    stan: str = ""
+    date: str = ""
+
+    def __repr__(self) -> str:  # no full PAN, no track
+        return (
+            f"OriginalRef(card={mask_pan(self.card)!r}, amount_fen={self.amount_fen!r}, entry={self.entry!r}, "
+            f"rrn={self.rrn!r}, auth_code={self.auth_code!r}, batch={self.batch!r}, stan={self.stan!r}, "
+            f"date={self.date!r})"
+        )
+
+    def f61(self, *, with_date: bool, zero_batch_stan: bool = False) -> str:
+        """61.1 batch + 61.2 STAN (+ 61.3 date); ValueError when a needed part is missing."""
+        batch, stan = ("000000", "000000") if zero_batch_stan else (self.batch, self.stan)
+        if len(batch) != 6 or not set(batch) <= _DIGITS:
+            raise ValueError("the original's batch (6 digits) is not known")
+        if len(stan) != 6 or not set(stan) <= _DIGITS:
+            raise ValueError("the original's STAN (6 digits) is not known")
+        date = self.date
+        if date and (len(date) != 4 or not set(date) <= _DIGITS):
+            raise ValueError("the original's date must be MMDD")
+        if with_date and not date:
+            raise ValueError("the original's date (F13 of its response, MMDD) is not known")
+        return batch + stan + date
+
+    def need_rrn(self) -> str:
+        if len(self.rrn) != 12:
+            raise ValueError("the original's RRN (12 characters, F37 of its response) is not known")
+        return self.rrn
+
+    def need_auth_code(self) -> str:
+        if len(self.auth_code) != 6:
+            raise ValueError("the original's auth code (6 characters, F38 of its response) is not known")
+        return self.auth_code
+
+    def need_amount(self) -> int:
+        if self.amount_fen is None:
+            raise ValueError("the original's amount is not known")
+        return self.amount_fen
 
 
 def _response_mti(mti: str) -> str | None:
@@ -433,14 +514,20 @@ class TerminalClient:
         """Send a request built from ``fields`` as given (no STAN or F60 added).
 
         With ``mac`` F64 is computed (any F64 given is replaced); without, a given F64 is sent
-        as is. Raises TerminalConnectionError when the switch closes without answering.
+        as is. Raises TerminalConnectionError when the switch closes without answering, and
+        ResponseTimeout (a TimeoutError carrying the sent fields) when no answer comes in time.
         """
         frame, sent = self.build_frame(mti, fields, mac=mac)
         resp_mti = _response_mti(mti)
         stan = sent.get(11)
         key: _Key = (resp_mti, stan) if resp_mti is not None and isinstance(stan, str) else None
         log.debug("tid=%s: send %s stan=%s", self.tid, mti, stan)
-        resp = await self._exchange(frame, key, sent, oneshot=oneshot, timeout=timeout)
+        try:
+            resp = await self._exchange(frame, key, sent, oneshot=oneshot, timeout=timeout)
+        except ResponseTimeout:
+            raise
+        except TimeoutError:
+            raise ResponseTimeout(mti, sent, self.timeout if timeout is None else timeout) from None
         if resp is None:
             raise TerminalConnectionError(f"the switch closed the connection without answering {mti}")
         log.debug("tid=%s: got %s stan=%s code=%s", self.tid, resp.mti, resp.stan, resp.code)
@@ -534,15 +621,37 @@ class TerminalClient:
         read_capability: str = "",
         card_seq: str | None = None,
         icc_data: bytes | None = None,
+        rrn: str | None = None,
+        auth_code: str | None = None,
+        original: str | None = None,
+        additional_data: str | None = None,
+        stan: str | None = None,
+        batch: str | None = None,
     ) -> Fields:
-        """The fields of a card-present financial request (F64 is added when it is sent).
+        """The fields of a financial request (F64 is added when it is sent).
 
-        Takes the next STAN. ``swipe`` sends F35 (``track2``, or one built from ``card`` and
-        ``expiry``) and no F2; ``manual`` sends F2 and F14; ``ic`` / ``contactless`` send F2,
-        F14, F23 and F35/F55 when given.
+        Takes the next STAN unless ``stan`` is given (only to rebuild an earlier request, e.g.
+        for a reversal typed in by hand); 60.2 is the current batch unless ``batch`` is given.
+        ``swipe`` sends F35 (``track2``, or one built from ``card`` and ``expiry``) and no F2;
+        ``manual`` sends F2 and F14; ``ic`` / ``contactless`` send F2, F14, F23 and F35/F55 when
+        given; ``scan`` sends ``card`` (the wallet payment code) in F2 and nothing else of a card
+        (F22 ``032``, no PIN, no F14/F35). ``rrn`` -> F37, ``auth_code`` -> F38, ``original``
+        (batch + STAN + date) -> F61, ``additional_data`` (a transfer's destination card) -> F48.
         """
         if not card or not set(card) <= _DIGITS:
             raise ValueError("card number must be digits")
+        if rrn is not None and len(rrn) != 12:
+            raise ValueError("F37 (RRN) must be 12 characters")
+        if auth_code is not None and len(auth_code) != 6:
+            raise ValueError("F38 (auth code) must be 6 characters")
+        if original is not None and (not 12 <= len(original) <= 29 or not set(original) <= _DIGITS):
+            raise ValueError("F61 must be 12 to 29 digits (batch + STAN + date)")
+        if additional_data is not None and (not additional_data or not set(additional_data) <= _DIGITS):
+            raise ValueError("F48 must be digits")
+        if stan is not None and (len(stan) != 6 or not set(stan) <= _DIGITS):
+            raise ValueError("stan must be 6 digits")
+        if batch is not None and (len(batch) != 6 or not set(batch) <= _DIGITS):
+            raise ValueError("batch must be 6 digits")
         if amount_fen is not None:
             if isinstance(amount_fen, bool) or not isinstance(amount_fen, int):
                 raise TypeError("amount_fen must be an int (fen)")
@@ -552,6 +661,8 @@ class TerminalClient:
             raise ValueError(f"entry must be one of {sorted(ENTRY_MODES)}")
         if expiry is not None and (len(expiry) != 4 or not set(expiry) <= _DIGITS):
             raise ValueError("expiry must be YYMM")
+        if entry == "scan" and (pin is not None or track2 is not None or encrypt_track or expiry is not None):
+            raise ValueError("a scanned payment code has no PIN, track or expiry")
         keys = self.keys
         if (pin is not None or encrypt_track) and keys is None:
             raise NotSignedOnError("a PIN or an encrypted track needs working keys: sign on first")
@@ -559,7 +670,7 @@ class TerminalClient:
         fields: Fields = {3: processing_code}
         if amount_fen is not None:
             fields[4] = f"{amount_fen:012d}"
-        fields[11] = self.take_stan()
+        fields[11] = stan if stan is not None else self.take_stan()
         track: str | None = track2
         if entry == "swipe":
             if track is None:
@@ -581,6 +692,14 @@ class TerminalClient:
             fields[35] = track
         fields[22] = ENTRY_MODES[entry] + ("1" if pin is not None else "2")
         fields[25] = condition_code
+        if rrn is not None:
+            fields[37] = rrn
+        if auth_code is not None:
+            fields[38] = auth_code
+        if additional_data is not None:
+            fields[48] = additional_data
+        if original is not None:
+            fields[61] = original
         if pin is not None:
             assert keys is not None
             fields[26] = "12"
@@ -599,7 +718,7 @@ class TerminalClient:
         fields[49] = "156"
         if icc_data is not None:
             fields[55] = icc_data
-        fields[60] = self._f60(type_code, "000", read_capability)
+        fields[60] = f"{type_code}{batch if batch is not None else self.batch}000{read_capability}"
         log.debug("tid=%s: %s %s card %s entry %s pin=%s", self.tid, processing_code, type_code,
                   mask_pan(card), entry, "yes" if pin is not None else "no")
         return fields
@@ -646,6 +765,279 @@ class TerminalClient:
             read_capability=read_capability,
         )
         return await self.send_fields("0200", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def scan_to_pay(
+        self, payment_code: str, amount_fen: int, *, oneshot: bool = False, timeout: float | None = None,
+    ) -> Response:
+        """0200 / 000000 / 00 / 60.1 ``22`` with F22 ``032`` and F2 = the customer's payment code
+        (18 digits for the switch to accept it; other lengths are sent, and answered ``30``)."""
+        fields = self.card_fields(
+            processing_code="000000", type_code="22", card=payment_code, amount_fen=amount_fen, entry="scan",
+        )
+        return await self.send_fields("0200", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def pre_auth(
+        self,
+        card: str,
+        amount_fen: int,
+        *,
+        pin: str | None = None,
+        entry: str = "swipe",
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool = False,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """0100 / 030000 / 06 / 60.1 ``10``: hold ``amount_fen`` on the card; approvals carry F38."""
+        fields = self.card_fields(
+            processing_code="030000", type_code="10", condition_code="06", card=card, amount_fen=amount_fen,
+            pin=pin, entry=entry, expiry=expiry, track2=track2, encrypt_track=encrypt_track,
+            read_capability=read_capability,
+        )
+        return await self.send_fields("0100", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def transfer(
+        self,
+        card: str,
+        amount_fen: int,
+        destination: str,
+        *,
+        pin: str | None = None,
+        entry: str = "swipe",
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool = False,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """0200 / 400000 / 00 / 60.1 ``49``: move ``amount_fen`` from ``card`` to the card number
+        ``destination`` (F48)."""
+        fields = self.card_fields(
+            processing_code="400000", type_code="49", card=card, amount_fen=amount_fen, pin=pin, entry=entry,
+            expiry=expiry, track2=track2, encrypt_track=encrypt_track, read_capability=read_capability,
+            additional_data=destination,
+        )
+        return await self.send_fields("0200", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    # ---- follow-ups: they name an original (§6.1, §7) ------------------------------------
+    def original_of(self, response: Response) -> OriginalRef:
+        """What follow-ups need of ``response`` and the request it answered: the card as it was
+        presented (a TDK-encrypted track is decrypted with the current TDK), the amount, the
+        batch and STAN it was sent with, and the RRN, auth code and date (F13) of the answer."""
+        req = response.request_fields
+        if not req:
+            raise ValueError("this response answers no request of this terminal (unmatched frame)")
+        track: str | None = _text(req.get(35)) or None
+        encrypted = _text(req.get(53))[2:3] == "1"
+        if track is not None and encrypted:
+            tdk = self.keys.tdk if self.keys is not None else None
+            try:
+                track = decrypt_track(tdk, track) if tdk is not None else None
+            except TrackError:
+                track = None  # encrypted under keys of an earlier sign-on
+        pan_in_track = track.split("=", 1)[0] if track and "=" in track else ""
+        card = _text(req.get(2)) or pan_in_track or _text(response.fields.get(2))
+        if not card:
+            raise ValueError("the original carries no card number")
+        f22 = _text(req.get(22))
+        entry = _ENTRY_BY_CODE.get(f22[:2], "manual" if 2 in req else "swipe")
+        expiry = _text(req.get(14)) or None
+        if expiry is None and pan_in_track:
+            after = track[len(pan_in_track) + 1 :] if track else ""
+            expiry = after[:4] if len(after) >= 4 and set(after[:4]) <= _DIGITS else None
+        amount = _text(req.get(4))
+        f60 = _text(req.get(60))
+        return OriginalRef(
+            card=card,
+            amount_fen=int(amount) if amount.isdigit() else None,
+            entry=entry,
+            expiry=expiry,
+            track2=track,
+            encrypted_track=encrypted,
+            card_seq=_text(req.get(23)) or None,
+            rrn=_text(response.fields.get(37)),
+            auth_code=_text(response.fields.get(38)),
+            batch=f60[2:8] if len(f60) >= 8 else "",
+            stan=_text(req.get(11)) or response.stan,
+            date=_text(response.fields.get(13)),
+        )
+
+    def _ref(self, original: Response | OriginalRef) -> OriginalRef:
+        return original if isinstance(original, OriginalRef) else self.original_of(original)
+
+    def _follow_up(
+        self,
+        ref: OriginalRef,
+        *,
+        processing_code: str,
+        type_code: str,
+        condition_code: str,
+        amount_fen: int,
+        pin: str | None,
+        entry: str | None,
+        expiry: str | None,
+        track2: str | None,
+        encrypt_track: bool | None,
+        read_capability: str,
+        rrn: str | None = None,
+        auth_code: str | None = None,
+        original: str | None = None,
+    ) -> Fields:
+        """``card_fields`` for a follow-up: the card is presented as the original presented it
+        unless ``entry`` / ``expiry`` / ``track2`` say otherwise."""
+        use_entry = entry or ref.entry
+        if track2 is None and use_entry == ref.entry and expiry is None:
+            track2 = ref.track2
+        if use_entry != "scan" and expiry is None:
+            expiry = ref.expiry
+        if use_entry == "swipe" and track2 is None and expiry is None:
+            raise ValueError("the original's track is not known (encrypted under earlier keys?): "
+                             "give track2= or expiry=")
+        if encrypt_track is None:
+            encrypt_track = ref.encrypted_track and track2 is not None
+        return self.card_fields(
+            processing_code=processing_code, type_code=type_code, condition_code=condition_code, card=ref.card,
+            amount_fen=amount_fen, pin=pin, entry=use_entry, expiry=expiry, track2=track2,
+            encrypt_track=encrypt_track, read_capability=read_capability,
+            card_seq=ref.card_seq if use_entry in ("ic", "contactless") else None,
+            rrn=rrn, auth_code=auth_code, original=original,
+        )
+
+    async def void(
+        self,
+        original: Response | OriginalRef,
+        *,
+        pin: str | None = None,
+        entry: str | None = None,
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool | None = None,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """Consume void, 0200 / 200000 / 00 / 60.1 ``23``, of an approved consume or scan-to-pay
+        of this terminal's open batch: F37 = its RRN, F61 = its batch + STAN (+ F13 date when
+        known), the same card (presented as before unless ``entry`` etc. say otherwise) and amount."""
+        ref = self._ref(original)
+        fields = self._follow_up(
+            ref, processing_code="200000", type_code="23", condition_code="00", amount_fen=ref.need_amount(),
+            pin=pin, entry=entry, expiry=expiry, track2=track2, encrypt_track=encrypt_track,
+            read_capability=read_capability, rrn=ref.need_rrn(), original=ref.f61(with_date=False),
+        )
+        return await self.send_fields("0200", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def refund(
+        self,
+        original: Response | OriginalRef,
+        amount_fen: int,
+        *,
+        pin: str | None = None,
+        entry: str | None = None,
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool | None = None,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """Refund, 0220 / 200000 / 00 / 60.1 ``25``, of ``amount_fen`` of an approved consume,
+        scan-to-pay or completion of this merchant: F37 = its RRN, F61 = ``000000`` ``000000`` +
+        its F13 date (the switch finds it by RRN and date; batch and STAN are not needed)."""
+        ref = self._ref(original)
+        fields = self._follow_up(
+            ref, processing_code="200000", type_code="25", condition_code="00", amount_fen=amount_fen,
+            pin=pin, entry=entry, expiry=expiry, track2=track2, encrypt_track=encrypt_track,
+            read_capability=read_capability, rrn=ref.need_rrn(),
+            original=ref.f61(with_date=True, zero_batch_stan=True),
+        )
+        return await self.send_fields("0220", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def pre_auth_void(
+        self,
+        pre_auth: Response | OriginalRef,
+        *,
+        pin: str | None = None,
+        entry: str | None = None,
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool | None = None,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """Pre-auth void, 0100 / 200000 / 06 / 60.1 ``11``: F38 = the pre-auth's auth code, F61 =
+        its batch + STAN + F13 date, F4 = its amount."""
+        ref = self._ref(pre_auth)
+        fields = self._follow_up(
+            ref, processing_code="200000", type_code="11", condition_code="06", amount_fen=ref.need_amount(),
+            pin=pin, entry=entry, expiry=expiry, track2=track2, encrypt_track=encrypt_track,
+            read_capability=read_capability, auth_code=ref.need_auth_code(), original=ref.f61(with_date=True),
+        )
+        return await self.send_fields("0100", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def completion(
+        self,
+        pre_auth: Response | OriginalRef,
+        amount_fen: int,
+        *,
+        advice: bool = False,
+        pin: str | None = None,
+        entry: str | None = None,
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool | None = None,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """Pre-auth completion of ``amount_fen`` (at most 115 % of the pre-auth): a request, 0200 /
+        000000 / 06 / 60.1 ``20``, or with ``advice`` a completion advice, 0220 / 000000 / 06 /
+        60.1 ``24``. F38 = the pre-auth's auth code, F61 = its batch + STAN + F13 date."""
+        ref = self._ref(pre_auth)
+        fields = self._follow_up(
+            ref, processing_code="000000", type_code="24" if advice else "20", condition_code="06",
+            amount_fen=amount_fen, pin=pin, entry=entry, expiry=expiry, track2=track2,
+            encrypt_track=encrypt_track, read_capability=read_capability, auth_code=ref.need_auth_code(),
+            original=ref.f61(with_date=True),
+        )
+        return await self.send_fields("0220" if advice else "0200", fields, mac=True, oneshot=oneshot,
+                                      timeout=timeout)
+
+    async def completion_void(
+        self,
+        completion: Response | OriginalRef,
+        *,
+        pin: str | None = None,
+        entry: str | None = None,
+        expiry: str | None = None,
+        track2: str | None = None,
+        encrypt_track: bool | None = None,
+        read_capability: str = "",
+        oneshot: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """Completion void, 0200 / 200000 / 06 / 60.1 ``21``, against a completion of this
+        terminal's open batch, like a consume void: F37 = the completion's RRN, F61 = its batch +
+        STAN (+ F13 date when known), its card and amount."""
+        ref = self._ref(completion)
+        fields = self._follow_up(
+            ref, processing_code="200000", type_code="21", condition_code="06", amount_fen=ref.need_amount(),
+            pin=pin, entry=entry, expiry=expiry, track2=track2, encrypt_track=encrypt_track,
+            read_capability=read_capability, rrn=ref.need_rrn(), original=ref.f61(with_date=False),
+        )
+        return await self.send_fields("0200", fields, mac=True, oneshot=oneshot, timeout=timeout)
+
+    async def reverse(
+        self, original: Response, reason: str = "98", *, oneshot: bool = False, timeout: float | None = None,
+    ) -> Response:
+        """``reversal`` of the request ``original`` answered (§11)."""
+        if not original.request_fields:
+            raise ValueError("this response answers no request of this terminal (unmatched frame)")
+        return await self.reversal(original.request_fields, reason, oneshot=oneshot, timeout=timeout)
 
     async def reversal(
         self, original: Mapping[int, FieldValue], reason: str = "98", *, oneshot: bool = False,
