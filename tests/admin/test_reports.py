@@ -80,6 +80,7 @@ def a_day(store: SqliteStore) -> None:
         entry(T1, "refund", 5000, "approved"),
         entry(T1, "consume", 999, "declined", rc="51"),
         entry(T1, "consume", 100000, "approved", fee_fen=600, primary=False),  # a retransmission
+        entry(T1, "consume", 100000, "duplicate", fee_fen=600),  # one that kept its dup_key
         entry(T1B, "scan_to_pay", 8000, "approved", fee_fen=48),  # another terminal of the merchant
         entry(T2, "consume", 1000, "approved", fee_fen=6),
         entry(T1, "consume", 7000, "approved", fee_fen=42, day="20240302"),  # another day
