@@ -33,6 +33,7 @@ from switch.domain.cards import IssuerRoute, RoutingTable
 from switch.domain.model import Merchant, Terminal
 from switch.pipeline.context import Settings, SwitchState
 from switch.pipeline.manager import TransactionManager
+from switch.pipeline.reload import watch_changes
 from switch.pipeline.saf import StoreAndForward
 
 log = logging.getLogger("switch.app")
@@ -113,6 +114,7 @@ async def run_switch(
             settings=Settings(issuer_timeout=cfg.issuer_timeout),
             wallet_routes=wallet_routes,
         )
+        state.limits.load(store)
         saf = StoreAndForward(store, dict(links), metrics, timeout=cfg.issuer_timeout)
         state.saf = saf
         manager = TransactionManager(state, store)
@@ -131,6 +133,7 @@ async def run_switch(
             for link in links.values():
                 await tg.start(link.run)
             await tg.start(saf.run)  # delivers what a previous run left queued, too
+            await tg.start(watch_changes, state)
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
             for name in cfg.wait_for_links:
                 if not await links[name].wait_up(cfg.link_start_timeout):

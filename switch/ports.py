@@ -58,6 +58,7 @@ class Metrics(Protocol):
     def saf_state(self, issuer: str, depth: int, oldest_age_seconds: float) -> None: ...
     def saf_attempt(self, issuer: str, outcome: str) -> None: ...
     def duplicate(self, outcome: str) -> None: ...
+    def activation_failure(self, reason: str) -> None: ...
 
 
 class NullMetrics:
@@ -100,4 +101,7 @@ class NullMetrics:
         pass
 
     def duplicate(self, outcome: str) -> None:
+        pass
+
+    def activation_failure(self, reason: str) -> None:
         pass

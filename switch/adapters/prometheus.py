@@ -65,6 +65,8 @@ class PrometheusMetrics:
     - ``switch_saf_attempts_total``, counter, ``issuer``, ``outcome``: delivery attempts
       (``acknowledged``, ``timeout``, ``unavailable``, ``refused``); every attempt after the first
       of a message is a retransmission (0401 / 0221).
+    - ``switch_activation_failures_total``, counter, ``reason``: activations refused (``wrong_code``,
+      ``lockout``, ``bad_key``).
     - ``switch_duplicates_total``, counter, ``outcome``: retransmitted requests answered from the
       journal (``resent``) or refused as a different request under the same key (``94``).
 
@@ -173,6 +175,9 @@ class PrometheusMetrics:
         self._saf_attempts = Counter(
             "switch_saf_attempts_total", "Store-and-forward delivery attempts.", ["issuer", "outcome"], registry=r
         )
+        self._activation_failures = Counter(
+            "switch_activation_failures", "Activations refused, by reason.", ["reason"], registry=r
+        )
         self._duplicates = Counter(
             "switch_duplicates", "Retransmitted requests (resent) and key clashes (94).", ["outcome"], registry=r
         )
@@ -223,6 +228,9 @@ class PrometheusMetrics:
 
     def duplicate(self, outcome: str) -> None:
         self._duplicates.labels(outcome=outcome).inc()
+
+    def activation_failure(self, reason: str) -> None:
+        self._activation_failures.labels(reason=reason).inc()
 
     # --- exposition -----------------------------------------------------------------------
 

@@ -306,21 +306,28 @@ class SqliteStore:
     def is_empty(self) -> bool:
         return bool(self.db.execute("SELECT COUNT(*) FROM merchants").fetchone()[0] == 0)
 
-    def load_merchants(self) -> dict[str, Merchant]:
+    def load_merchants(self, where: str = "1=1", params: Iterable[Any] = (), *, reader: bool = False) -> dict[str, Merchant]:
+        """Merchants (all, or those matching ``where``). ``reader``: use the read-only connection
+        (safe on the event loop while the writer thread commits)."""
+        conn = self._reader if reader else self.db
+        assert conn is not None
         out = {}
-        for mid, kind, name, state, rate, limit, pv in self.db.execute(
+        for mid, kind, name, state, rate, limit, pv in conn.execute(
             "SELECT mid, kind, shop_name, state, fee_rate, monthly_limit_fen, params_version FROM merchants"
+            f" WHERE {where}", tuple(params),
         ):
             out[mid] = Merchant(mid, kind, name, state, Decimal(rate), int(limit), int(pv))
         return out
 
-    def load_terminals(self) -> dict[str, Terminal]:
+    def load_terminals(self, where: str = "1=1", params: Iterable[Any] = (), *, reader: bool = False) -> dict[str, Terminal]:
+        conn = self._reader if reader else self.db
+        assert conn is not None
         out = {}
-        for row in self.db.execute(
+        for row in conn.execute(
             "SELECT tid, mid, role, main_tid, state, tmk, key_mode, pik, mak, tdk, batch_no, batch_date,"
-            " params_version FROM terminals"
+            f" params_version FROM terminals WHERE {where}", tuple(params),
         ):
-            tid, mid, role, main_tid, state, tmk, mode, pik, mak, tdk, batch_no, batch_date, pv = row
+            tid, mid, role, main_tid, state, tmk, mode, pik, mak, tdk, batch_no, batch_date, pv = tuple(row)
             out[tid] = Terminal(
                 tid, mid, role, main_tid, state,
                 tmk=self._unwrap(tmk, f"tmk:{tid}"),

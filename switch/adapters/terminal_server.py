@@ -73,7 +73,11 @@ class TerminalServer:
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         s = self.settings
-        reader = FrameReader(s.max_frame)
+        try:
+            peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address)[0])
+        except Exception:
+            peer = ""
+        reader = FrameReader(s.max_frame, peer)
         write_lock = anyio.Lock()
         slots = anyio.Semaphore(s.max_in_flight_per_connection)
         closing = anyio.Event()  # set when a handler decided the connection must close

@@ -35,12 +35,13 @@ class Frame:
     tpdu: bytes
     header: bytes
     body: bytes  # MTI, bitmap and fields
+    peer: str = ""  # the sender's network address, as the transport saw it (activation lockout, §9.1)
 
     @classmethod
-    def parse(cls, payload: bytes) -> Frame:
+    def parse(cls, payload: bytes, peer: str = "") -> Frame:
         if len(payload) < ENVELOPE_LEN:
             raise FramingError("short_frame")
-        return cls(payload[:TPDU_LEN], payload[TPDU_LEN:ENVELOPE_LEN], payload[ENVELOPE_LEN:])
+        return cls(payload[:TPDU_LEN], payload[TPDU_LEN:ENVELOPE_LEN], payload[ENVELOPE_LEN:], peer)
 
 
 def encode_frame(tpdu: bytes, header: bytes, body: bytes) -> bytes:
@@ -63,11 +64,12 @@ def response_header(request_header: bytes, digit6: int) -> bytes:
 class FrameReader:
     """Incremental framer for one connection."""
 
-    __slots__ = ("_buf", "max_frame")
+    __slots__ = ("_buf", "max_frame", "peer")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, peer: str = "") -> None:
         self._buf = bytearray()
         self.max_frame = max_frame
+        self.peer = peer
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
@@ -93,4 +95,4 @@ class FrameReader:
             return None
         payload = bytes(self._buf[LEN_BYTES:end])
         del self._buf[:end]
-        return Frame.parse(payload)
+        return Frame.parse(payload, self.peer)

@@ -39,13 +39,13 @@ def _mgmt(name: str, mti: str, implemented: bool = False) -> TxnType:
                    financial=False)
 
 
-ACTIVATION = _mgmt("activation", "0800")
+ACTIVATION = _mgmt("activation", "0800", implemented=True)
 SIGN_ON = _mgmt("sign_on", "0800", implemented=True)
 PARAMETER_DOWNLOAD = _mgmt("parameter_download", "0800", implemented=True)
 SIGN_OFF = _mgmt("sign_off", "0820", implemented=True)
 ECHO_TEST = _mgmt("echo_test", "0820", implemented=True)
-BATCH_SETTLEMENT = _mgmt("batch_settlement", "0500")
-BATCH_UPLOAD = _mgmt("batch_upload", "0320")
+BATCH_SETTLEMENT = _mgmt("batch_settlement", "0500", implemented=True)
+BATCH_UPLOAD = _mgmt("batch_upload", "0320", implemented=True)
 
 BALANCE_INQUIRY = _fin("balance_inquiry", "0200", reversible=False)
 CONSUME = _fin("consume", "0200", reversible=True)

@@ -18,7 +18,10 @@ from switch.pipeline.context import Context, SwitchState
 
 
 def check_terminal(state: SwitchState, ctx: Context) -> None:
-    """Step 2: F41 names an active terminal (97); F42 is its merchant and that merchant is active (03)."""
+    """Step 2: F41 names an active terminal (97); F42 is its merchant and that merchant is active (03).
+    An activation finds its terminal by the code instead (§9.1, pipeline/activation.py)."""
+    if ctx.txn is not None and ctx.txn.name == "activation":
+        return
     terminal = state.terminals.get(ctx.request.tid)
     if terminal is None or not terminal.active:
         ctx.decline(ResultCode.TERMINAL_INVALID, "terminal unknown or not active")
@@ -48,10 +51,11 @@ def check_transaction_key(state: SwitchState, ctx: Context) -> None:
 def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
     """Step 4: financial requests, settlement and batch upload need working keys (77), then the MAC (A0)."""
     txn, terminal = ctx.txn, ctx.terminal
-    assert txn is not None and terminal is not None
+    assert txn is not None
     needs_keys = txn.financial or ctx.request.mti in ("0500", "0320")
     if not needs_keys:
         return
+    assert terminal is not None
     if not terminal.signed_on:
         ctx.decline(ResultCode.SIGN_ON_FIRST, "not signed on")
         return

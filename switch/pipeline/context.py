@@ -19,8 +19,11 @@ from switch.domain.codes import ResultCode
 from switch.domain.model import Merchant, Terminal
 from switch.ports import IssuerLink, Metrics
 
+from switch.pipeline.limits import MonthlyLimits
+
 if TYPE_CHECKING:
     from switch.adapters.sqlite_store import Op, SqliteStore
+    from switch.pipeline.activation import ActivationGuard
     from switch.pipeline.saf import StoreAndForward
 
 SHANGHAI = timezone(timedelta(hours=8), "Asia/Shanghai")  # no DST in China
@@ -56,12 +59,20 @@ class SwitchState:
     # one lock per original journal row: voids, refunds, completions and reversals of the same
     # original are serialised from the read of its state to the commit of the change
     original_locks: dict[int, anyio.Lock] = field(default_factory=dict)
+    limits: MonthlyLimits = field(default_factory=MonthlyLimits)
+    activation_guard: ActivationGuard = field(default_factory=lambda: _activation_guard())
 
     def lock_for(self, row_id: int) -> anyio.Lock:
         lock = self.original_locks.get(row_id)
         if lock is None:
             lock = self.original_locks[row_id] = anyio.Lock()
         return lock
+
+
+def _activation_guard() -> ActivationGuard:
+    from switch.pipeline.activation import ActivationGuard
+
+    return ActivationGuard()
 
 
 @dataclass
@@ -113,6 +124,10 @@ class Context:
     original: dict[str, Any] | None = None
     journal_state: str | None = None  # overrides the state derived from the response code
     legs: list[dict[str, Any]] = field(default_factory=list)  # transfer issuer legs
+    # monthly limit (§13): headroom reserved by this request, and committed usage changes of
+    # earlier rows (voids, reversals), both applied once the journal row is durable
+    limit_reservation: tuple[str, str, int] | None = None
+    limit_deltas: list[tuple[str, str, int]] = field(default_factory=list)
 
     def decline(self, rc: ResultCode, note: str | None = None) -> None:
         self.rc = rc

@@ -10,7 +10,7 @@ from switch.core.codec import Fields
 from switch.crypto.pin import PinBlockError, translate_pin_block
 from switch.domain.codes import ResultCode, from_issuer
 from switch.domain.money import fee_fen
-from switch.pipeline import issuer_leg
+from switch.pipeline import issuer_leg, limits
 from switch.pipeline.context import Context, SwitchState
 
 FEE_BEARING = frozenset({"consume", "scan_to_pay", "completion", "completion_advice"})
@@ -41,6 +41,20 @@ def translate_pin(state: SwitchState, ctx: Context) -> bytes | None:
         return None
 
 
+def reserve_limit(state: SwitchState, ctx: Context) -> bool:
+    """Step 9: take monthly-limit headroom for a counted request (61 when it would exceed it)."""
+    txn, merchant = ctx.txn, ctx.merchant
+    if txn is None or txn.name not in limits.COUNTED or ctx.amount_fen is None:
+        return True
+    assert merchant is not None
+    month = limits.month_of(ctx.business_date)
+    if not state.limits.reserve(merchant.mid, month, ctx.amount_fen, merchant.monthly_limit_fen):
+        ctx.decline(ResultCode.EXCEEDS_LIMIT, "exceeds the merchant's monthly limit")
+        return False
+    ctx.limit_reservation = (merchant.mid, month, ctx.amount_fen)
+    return True
+
+
 def approve(state: SwitchState, ctx: Context, reply: Fields) -> bool:
     """Turn the issuer's answer into the terminal's code; True when approved."""
     code = str(reply.get(39, ""))
@@ -69,6 +83,8 @@ async def authorize(state: SwitchState, ctx: Context) -> None:
     """Consume, scan-to-pay, balance inquiry and pre-auth at the card's issuer (or wallet)."""
     txn = ctx.txn
     assert txn is not None and ctx.issuer is not None and ctx.pan is not None and ctx.rrn is not None
+    if not reserve_limit(state, ctx):
+        return
     link = state.links.get(ctx.issuer)
     if link is None or not link.is_up:
         ctx.decline(ResultCode.ISSUER_UNAVAILABLE, "issuer link down")

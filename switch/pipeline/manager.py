@@ -32,6 +32,7 @@ from switch.crypto.mac import cup_mac
 from switch.domain.cards import mask_pan
 from switch.domain.codes import ResultCode
 from switch.pipeline import (
+    activation,
     checks,
     duplicates,
     financial,
@@ -39,6 +40,7 @@ from switch.pipeline import (
     preauth,
     refund,
     reversal,
+    settlement,
     transfer,
     void,
 )
@@ -63,6 +65,9 @@ SYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], None]] = {
     "sign_off": management.sign_off,
     "echo_test": management.echo_test,
     "parameter_download": management.parameter_download,
+    "activation": activation.activate,
+    "batch_settlement": settlement.settle,
+    "batch_upload": settlement.upload,
 }
 ASYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], Awaitable[None]]] = {
     "consume": financial.authorize,
@@ -120,6 +125,8 @@ class TransactionManager:
             # release the original's lock and any copies waiting on this request (§11), only now
             # that its journal row is durable (or the attempt failed and nothing was answered)
             await ctx.held.aclose()
+            if ctx.limit_reservation is not None:  # not committed: free the headroom
+                state.limits.settle(*ctx.limit_reservation, approved=False)
             duplicates.finish(state, ctx, data)
             state.metrics.in_flight(-1)
 
@@ -172,6 +179,11 @@ class TransactionManager:
         mti = req.mti
         out: Fields = {39: rc.value}
         txn_name = ctx.txn.name if ctx.txn else None
+        if txn_name == "activation":  # §6.1: 11, 39, 60; on 00 also the real 41/42, 62, 63
+            out.update({k: f[k] for k in (11, 60) if k in f})
+            if rc is ResultCode.APPROVED:
+                out.update({k: ctx.resp[k] for k in (41, 42, 62, 63)})
+            return out
         if mti in ("0800", "0820"):
             for k in (11, 41, 42, 60):
                 if k in f:
@@ -187,8 +199,17 @@ class TransactionManager:
             if rc is ResultCode.APPROVED and 62 in ctx.resp:
                 out[62] = ctx.resp[62]
             return out
-        if mti in ("0500", "0320"):
+        if mti == "0320":  # 0330: 11, 39, 41, 42, 60
             out.update({k: f[k] for k in (11, 41, 42, 60) if k in f})
+            return out
+        if mti == "0500":  # 0510: 11, 12, 13, 15, 32, 37, 39, 41, 42, 48, 49, 60
+            out.update({k: f[k] for k in (11, 41, 42, 49, 60) if k in f})
+            out[12] = now.strftime("%H%M%S")
+            out[13] = now.strftime("%m%d")
+            out[15] = now.strftime("%m%d")
+            out[32] = self.state.settings.acquirer_id
+            out[37] = ctx.rrn or ""
+            out[48] = ctx.resp.get(48, f.get(48, "0" * 62))
             return out
         # financial (0110, 0210, 0230, 0410)
         out.update(echo(f))
@@ -211,7 +232,7 @@ class TransactionManager:
     async def _respond(self, ctx: Context) -> bytes:
         state = self.state
         req = ctx.request
-        needs_rrn = req.mti not in ("0800", "0820", "0500", "0320") or (
+        needs_rrn = req.mti not in ("0800", "0820", "0320") or (
             ctx.txn is not None and ctx.txn.name == "sign_on"
         )
         if ctx.rrn is None and needs_rrn:  # §6.1: financial responses and 0810 sign-on carry 37
@@ -297,6 +318,12 @@ class TransactionManager:
             legs=json.dumps(ctx.legs) if ctx.legs else None,
         )
         await store.write(*ops, store.op_journal(entry))
+        limits = self.state.limits
+        if ctx.limit_reservation is not None:
+            limits.settle(*ctx.limit_reservation, approved=entry.state == "approved")
+            ctx.limit_reservation = None
+        for mid, month, delta in ctx.limit_deltas:
+            limits.adjust(mid, month, delta)
         for callback in ctx.after_commit:
             callback()
 

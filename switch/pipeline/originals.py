@@ -14,6 +14,7 @@ import sqlite3
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from switch.pipeline import limits
 from switch.pipeline.context import Context, SwitchState
 
 if TYPE_CHECKING:
@@ -97,5 +98,14 @@ def op_add_refund(row_id: int, amount_fen: int) -> Op:
 
 
 def set_state(ctx: Context, row: Row, new_state: str) -> None:
-    """Change an original's state in this request's commit."""
+    """Change an original's state in this request's commit; a change of whether it uses monthly
+    limit headroom (§13) is applied to the ledger after that commit."""
     ctx.store_ops.append(op_set_state(int(row["id"]), new_state))
+    before, after = limits.counts(row), limits.counts({**row, "state": new_state})
+    if before != after:
+        delta = int(row["amount_fen"]) * (1 if after else -1)
+        ctx.limit_deltas.append((str(row["mid"]), limits.month_of(str(row["business_date"])), delta))
+
+
+def set_state_by_id(state: SwitchState, ctx: Context, row_id: int, new_state: str) -> None:
+    set_state(ctx, by_id(state, row_id), new_state)

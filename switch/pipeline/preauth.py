@@ -8,7 +8,7 @@ from __future__ import annotations
 from switch.domain.codes import ResultCode
 from switch.pipeline import issuer_leg, originals
 from switch.pipeline.context import Context, SwitchState
-from switch.pipeline.financial import approve, take_auth_code, translate_pin
+from switch.pipeline.financial import approve, reserve_limit, take_auth_code, translate_pin
 from switch.pipeline.originals import Row
 
 COMPLETION_CAP_PERCENT = 115
@@ -55,6 +55,8 @@ async def pre_auth_follow_up(state: SwitchState, ctx: Context) -> None:
         return
     issuer = str(row["issuer"])
     ctx.issuer = issuer
+    if not reserve_limit(state, ctx):
+        return
     pin_block = translate_pin(state, ctx)
     if ctx.rc is not None:
         return

@@ -98,9 +98,9 @@ def _undo_side_effects(state: SwitchState, ctx: Context, row: Row) -> None:
     if parent is None:
         return
     # a void's original, a completion's pre-auth, a pre-auth void's pre-auth: approved (open) again
-    ctx.store_ops.append(originals.op_set_state(int(parent), "approved"))
+    originals.set_state_by_id(state, ctx, int(parent), "approved")
     if row["txn"] == "completion_void":
         # the completion is approved again, so its pre-auth is completed again
         completion = originals.by_id(state, int(parent))
         if completion["original_id"] is not None:
-            ctx.store_ops.append(originals.op_set_state(int(completion["original_id"]), "completed"))
+            originals.set_state_by_id(state, ctx, int(completion["original_id"]), "completed")

@@ -57,4 +57,4 @@ async def void(state: SwitchState, ctx: Context) -> None:
     originals.set_state(ctx, row, "voided")
     if txn.name == "completion_void" and row["original_id"] is not None:
         # the pre-auth is open again: it can be completed or voided (§7)
-        ctx.store_ops.append(originals.op_set_state(int(row["original_id"]), "approved"))
+        originals.set_state_by_id(state, ctx, int(row["original_id"]), "approved")

@@ -102,6 +102,9 @@ class RecordingMetrics:
     def duplicate(self, outcome: str) -> None:
         pass
 
+    def activation_failure(self, reason: str) -> None:
+        pass
+
     def mac_failure(self) -> None:
         self.mac_failures += 1
 

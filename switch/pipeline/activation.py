@@ -1,0 +1,113 @@
+"""Remote activation 0800 / 60.3 ``351`` (protocol §9.1, §9.2).
+
+F62 = the 8 ASCII digits of the one-time activation code + the terminal's RSA public key (DER
+SubjectPublicKeyInfo, 2048 bits). The code finds the terminal (F41/F42 may be spaces). The switch
+generates a new TMK, answers it RSA-OAEP-wrapped under the terminal's key with its check value,
+the terminal's real TID and MID in 41/42 and the shop name in 63, and activates the terminal. A
+wrong, used or expired code gets ``97``; from the sixth attempt after five wrong codes from one
+peer address within 10 minutes, every activation from that address gets ``75``. A secondary
+terminal can be activated only while its main terminal is active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections import deque
+from datetime import timezone
+
+from switch.crypto.activation import ActivationKeyError, wrap_tmk_for_terminal
+from switch.crypto.des import generate_key
+from switch.domain.codes import ResultCode
+from switch.domain.model import Terminal
+from switch.pipeline.context import Context, SwitchState
+
+WINDOW_SECONDS = 600.0
+MAX_WRONG = 5
+
+
+class ActivationGuard:
+    """Wrong codes per peer address over a sliding window (in memory, per process)."""
+
+    def __init__(self) -> None:
+        self._wrong: dict[str, deque[float]] = {}
+
+    def locked(self, peer: str, now: float) -> bool:
+        q = self._wrong.get(peer)
+        if q is None:
+            return False
+        while q and now - q[0] > WINDOW_SECONDS:
+            q.popleft()
+        return len(q) >= MAX_WRONG
+
+    def wrong(self, peer: str, now: float) -> None:
+        self._wrong.setdefault(peer, deque()).append(now)
+
+
+def activate(state: SwitchState, ctx: Context) -> None:
+    assert state.store is not None
+    guard: ActivationGuard = state.activation_guard
+    peer = ctx.request.frame.peer
+    now = time.monotonic()
+    if guard.locked(peer, now):
+        state.metrics.activation_failure("lockout")
+        ctx.decline(ResultCode.ACTIVATION_LOCKOUT, "too many wrong activation codes from this address")
+        return
+    f62 = ctx.request.fields.get(62)
+    if not isinstance(f62, bytes) or len(f62) < 9 or not f62[:8].isdigit():
+        ctx.decline(ResultCode.FORMAT_ERROR, "F62: 8-digit code + public key")
+        return
+    code, public_key = f62[:8].decode(), f62[8:]
+    rows = state.store.query(
+        "SELECT t.tid, t.mid, t.role, t.main_tid, t.state, t.activation_expires, m.state AS merchant_state,"
+        " m.shop_name FROM terminals t JOIN merchants m ON m.mid = t.mid WHERE t.activation_code_hash = ?",
+        (hashlib.sha256(code.encode()).hexdigest(),),
+    )
+    row = rows[0] if rows else None
+    if row is None or row["state"] != "awaiting_activation" or (row["activation_expires"] or 0) < time.time():
+        guard.wrong(peer, now)
+        state.metrics.activation_failure("wrong_code")
+        ctx.decline(ResultCode.TERMINAL_INVALID, "wrong, used or expired activation code")
+        return
+    if row["merchant_state"] != "active":
+        ctx.decline(ResultCode.MERCHANT_INVALID, "merchant disabled")
+        return
+    if row["role"] == "secondary":
+        main = state.terminals.get(str(row["main_tid"]))
+        if main is None or not main.active:
+            ctx.decline(ResultCode.TERMINAL_INVALID, "the main terminal is not active (§9.2)")
+            return
+    tmk = generate_key(16)
+    try:
+        wrapped = wrap_tmk_for_terminal(tmk, public_key)
+    except ActivationKeyError:
+        state.metrics.activation_failure("bad_key")
+        ctx.decline(ResultCode.FORMAT_ERROR, "F62 does not hold a 2048-bit RSA public key")
+        return
+    tid = str(row["tid"])
+    terminal = state.terminals.get(tid) or Terminal(tid, str(row["mid"]), str(row["role"]), row["main_tid"], "active")
+    terminal.state = "active"
+    terminal.tmk = tmk
+    terminal.revoke_keys()
+    state.terminals[tid] = terminal
+    ctx.terminal = terminal
+    ctx.merchant = state.merchants.get(terminal.mid)
+    blob = state.store.master_key.wrap(tmk, f"tmk:{tid}")
+    activated = ctx.now.astimezone(timezone.utc).isoformat()
+
+    def op(db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE terminals SET state = 'active', tmk = ?, key_mode = NULL, pik = NULL, mak = NULL,"
+            " tdk = NULL, activation_code_hash = NULL, activation_expires = NULL, activated_at = ?"
+            " WHERE tid = ?",
+            (blob, activated, tid),
+        )
+
+    ctx.store_ops.append(op)
+    ctx.resp[41] = tid
+    ctx.resp[42] = str(row["mid"])
+    ctx.resp[62] = wrapped
+    ctx.resp[63] = str(row["shop_name"])
+    ctx.note = f"terminal {tid} activated"
+    ctx.rc = ResultCode.APPROVED

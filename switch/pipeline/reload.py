@@ -1,0 +1,67 @@
+"""Picking up back-office changes in a running switch (merchants and terminals added, disabled,
+enabled, upgraded by ``switch merchant`` / ``switch terminal``).
+
+The back office bumps ``meta.change_seq`` and stamps the rows it changed; the switch polls that
+number and reloads only those rows. Fields the switch itself owns at run time (working keys,
+batch, parameters downloaded) are kept from memory; what the back office owns (state, merchant,
+role, limits, fee, name) is taken from the store. A change to what parameter download reports
+makes the merchant's terminals see header digit 6 = ``1`` (§9.3).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.abc
+
+from switch.pipeline.context import SwitchState
+
+log = logging.getLogger("switch.reload")
+
+POLL_SECONDS = 0.5
+
+
+def reload_changes(state: SwitchState, seen: int) -> int:
+    store = state.store
+    assert store is not None
+    rows = store.query("SELECT value FROM meta WHERE key = 'change_seq'")
+    seq = int(rows[0]["value"]) if rows else 0
+    if seq == seen:
+        return seen
+    for mid, m in store.load_merchants("change_seq > ?", (seen,), reader=True).items():
+        cur = state.merchants.get(mid)
+        if cur is None:
+            state.merchants[mid] = m
+            continue
+        if (cur.shop_name, cur.fee_rate, cur.monthly_limit_fen) != (m.shop_name, m.fee_rate, m.monthly_limit_fen):
+            cur.params_version = max(cur.params_version, m.params_version) + 1
+        cur.kind, cur.shop_name, cur.state = m.kind, m.shop_name, m.state
+        cur.fee_rate, cur.monthly_limit_fen = m.fee_rate, m.monthly_limit_fen
+    for tid, t in store.load_terminals("change_seq > ?", (seen,), reader=True).items():
+        cur_t = state.terminals.get(tid)
+        if cur_t is None:
+            state.terminals[tid] = t
+            continue
+        cur_t.mid, cur_t.role, cur_t.main_tid, cur_t.state = t.mid, t.role, t.main_tid, t.state
+        if t.tmk is not None and t.tmk != cur_t.tmk:  # an operator loaded a new TMK
+            cur_t.tmk = t.tmk
+    log.info("back-office changes up to #%d loaded", seq)
+    return seq
+
+
+async def watch_changes(state: SwitchState, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    seen = _current(state)  # everything up to now was loaded at start-up
+    task_status.started()
+    while True:
+        await anyio.sleep(POLL_SECONDS)
+        try:
+            seen = reload_changes(state, seen)
+        except Exception:
+            log.exception("reloading back-office changes failed; will retry")
+
+
+def _current(state: SwitchState) -> int:
+    assert state.store is not None
+    rows = state.store.query("SELECT value FROM meta WHERE key = 'change_seq'")
+    return int(rows[0]["value"]) if rows else 0

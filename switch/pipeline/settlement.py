@@ -1,0 +1,175 @@
+"""Batch settlement 0500 and batch upload 0320 (protocol §9.4, §9.5).
+
+Settlement compares the terminal's totals (F48, 62 digits) with the switch's own for that
+terminal and batch, answers ``00`` with the terminal's totals and result ``1`` (balanced) or its
+own totals and result ``2`` (unbalanced), records the answer and closes the batch: the next batch
+is the closed one + 1. Settling a closed batch again returns the recorded answer; the current
+batch exists even when empty; any other batch gets ``25``; a count above 999 cannot be expressed
+(``30``).
+
+Totals: debits = consume, scan-to-pay, completion and completion advice (a voided sale stays a
+debit, its void is a credit); credits = consume voids, completion voids and refunds; only
+approved, unreversed rows count.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import timezone
+
+from switch.domain.codes import ResultCode
+from switch.pipeline.context import Context, SwitchState
+
+DEBITS = ("consume", "scan_to_pay", "completion", "completion_advice")
+CREDITS = ("consume_void", "completion_void", "refund")
+FOREIGN_ZEROS = "0" * 30 + "1"  # amount 12 + count 3 + amount 12 + count 3 = 30 zeros, result 1
+
+
+@dataclass(frozen=True)
+class Totals:
+    debit_fen: int
+    debit_count: int
+    credit_fen: int
+    credit_count: int
+
+    @classmethod
+    def parse(cls, f48: str) -> Totals:
+        return cls(int(f48[0:12]), int(f48[12:15]), int(f48[15:27]), int(f48[27:30]))
+
+    def fits(self) -> bool:
+        return self.debit_count <= 999 and self.credit_count <= 999 and max(self.debit_fen, self.credit_fen) < 10**12
+
+    def f48(self, result: str) -> str:
+        return (
+            f"{self.debit_fen:012d}{self.debit_count:03d}{self.credit_fen:012d}{self.credit_count:03d}{result}"
+            + FOREIGN_ZEROS
+        )
+
+
+def batch_totals(state: SwitchState, tid: str, batch: str) -> Totals:
+    assert state.store is not None
+    d = ",".join("?" for _ in DEBITS)
+    c = ",".join("?" for _ in CREDITS)
+    debit = state.store.query(
+        f"SELECT COUNT(*) AS n, COALESCE(SUM(amount_fen), 0) AS total FROM journal WHERE tid = ? AND batch = ?"
+        f" AND dup_key IS NOT NULL AND txn IN ({d}) AND state IN ('approved', 'voided')",
+        (tid, batch, *DEBITS),
+    )[0]
+    credit = state.store.query(
+        f"SELECT COUNT(*) AS n, COALESCE(SUM(amount_fen), 0) AS total FROM journal WHERE tid = ? AND batch = ?"
+        f" AND dup_key IS NOT NULL AND txn IN ({c}) AND state = 'approved'",
+        (tid, batch, *CREDITS),
+    )[0]
+    return Totals(int(debit["total"]), int(debit["n"]), int(credit["total"]), int(credit["n"]))
+
+
+def settle(state: SwitchState, ctx: Context) -> None:
+    terminal, f60 = ctx.terminal, ctx.f60
+    assert terminal is not None and f60 is not None and state.store is not None
+    f = ctx.request.fields
+    f48 = f.get(48)
+    if not isinstance(f48, str) or len(f48) != 62 or 49 not in f:
+        ctx.decline(ResultCode.FORMAT_ERROR, "settlement needs F48 (62 digits) and F49")
+        return
+    batch = f60.batch
+    if batch != terminal.batch:
+        done = state.store.query(
+            "SELECT response_f48 FROM settlements WHERE tid = ? AND batch = ?", (terminal.tid, batch)
+        )
+        if not done:
+            ctx.decline(ResultCode.ORIGINAL_NOT_FOUND, "no such batch")
+            return
+        ctx.resp[48] = done[0]["response_f48"]  # settling a closed batch again: the same answer
+        ctx.rc = ResultCode.APPROVED
+        return
+    theirs = Totals.parse(f48)
+    ours = batch_totals(state, terminal.tid, batch)
+    if not ours.fits():
+        ctx.decline(ResultCode.FORMAT_ERROR, "more than 999 transactions in one batch")
+        return
+    balanced = theirs == ours
+    answer = theirs.f48("1") if balanced else ours.f48("2")
+    ctx.resp[48] = answer
+    ctx.note = "balanced" if balanced else f"unbalanced: terminal {theirs}, switch {ours}"
+    created = ctx.now.astimezone(timezone.utc).isoformat()
+    row = (terminal.tid, batch, ctx.business_date, f48, answer, "1" if balanced else "2", created)
+
+    def op(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?)", row)
+
+    ctx.store_ops.append(op)
+    terminal.batch_no += 1  # the batch is closed; the next one opens with the next request
+    terminal.batch_date = None
+    ctx.ops.append(("terminal_batch", terminal))
+    ctx.rc = ResultCode.APPROVED
+
+
+RECORD_DIGITS = 2 + 6 + 20 + 12
+
+
+def upload(state: SwitchState, ctx: Context) -> None:
+    """0320: records the terminal's transactions (201) or the end of an upload (202/207) and the
+    differences against the journal, for reconciliation. Always ``00`` once recorded (§9.5)."""
+    terminal, f60 = ctx.terminal, ctx.f60
+    assert terminal is not None and f60 is not None and state.store is not None
+    f48 = ctx.request.fields.get(48)
+    if not isinstance(f48, str):
+        ctx.decline(ResultCode.FORMAT_ERROR, "batch upload needs F48")
+        return
+    records: list[dict[str, object]] = []
+    differences: list[dict[str, object]] = []
+    if f60.nmc == "201":
+        count = int(f48[:2]) if f48[:2].isdigit() else 0
+        if not 1 <= count <= 8 or len(f48) < 2 + count * RECORD_DIGITS:
+            ctx.decline(ResultCode.FORMAT_ERROR, "F48 record count or length")
+            return
+        for i in range(count):
+            rec = f48[2 + i * RECORD_DIGITS: 2 + (i + 1) * RECORD_DIGITS]
+            org, stan, card, amount = rec[:2], rec[2:8], rec[8:28].lstrip("0"), int(rec[28:40])
+            records.append({"org": org, "stan": stan, "card": _mask(card), "amount_fen": amount})
+            differences.extend(_compare(state, terminal.tid, f60.batch, stan, card, amount))
+    else:
+        if len(f48) < 4:
+            ctx.decline(ResultCode.FORMAT_ERROR, "F48 total records")
+            return
+        records.append({"total_records": int(f48[:4])})
+    row = (terminal.tid, f60.batch, f60.nmc, json.dumps(records), json.dumps(differences) if differences else None,
+           ctx.now.astimezone(timezone.utc).isoformat())
+
+    def op(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO batch_uploads (tid, batch, nmc, records, differences, created_at) VALUES (?,?,?,?,?,?)", row
+        )
+
+    ctx.store_ops.append(op)
+    if differences:
+        ctx.note = f"{len(differences)} difference(s) recorded"
+    ctx.rc = ResultCode.APPROVED
+
+
+def _mask(card: str) -> str:
+    from switch.domain.cards import mask_pan
+
+    return mask_pan(card) if card else ""
+
+
+def _compare(state: SwitchState, tid: str, batch: str, stan: str, card: str, amount: int) -> list[dict[str, object]]:
+    assert state.store is not None
+    rows = state.store.query(
+        "SELECT txn, amount_fen, pan_token, state FROM journal WHERE tid = ? AND batch = ? AND stan = ?"
+        " AND dup_key IS NOT NULL AND mti IN ('0100', '0200', '0220') ORDER BY id LIMIT 1",
+        (tid, batch, stan),
+    )
+    if not rows:
+        return [{"stan": stan, "difference": "not in the switch's journal", "amount_fen": amount}]
+    row = rows[0]
+    out: list[dict[str, object]] = []
+    if row["amount_fen"] != amount:
+        out.append({"stan": stan, "difference": "amount", "terminal_fen": amount, "switch_fen": row["amount_fen"]})
+    if card and row["pan_token"] != state.store.pan_token(card):
+        out.append({"stan": stan, "difference": "card"})
+    if row["state"] not in ("approved", "voided"):
+        out.append({"stan": stan, "difference": f"switch has it {row['state']}"})
+    return out
