@@ -15,17 +15,18 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import anyio
 
 from switch.crypto.working_keys import KeyCheckError
 from switch.demo_fixture import MERCHANTS_BY_MID, TERMINALS_BY_TID
-from switch.pos.client import Response, TerminalClient, TerminalConnectionError
+from switch.pos.client import OriginalRef, Response, ResponseTimeout, TerminalClient, TerminalConnectionError
 from switch.pos.receipt import code_meaning, format_receipt
 
-__all__ = ["DEMO_CARD_EXPIRY", "parse_amount_fen", "pos_main"]
+__all__ = ["DEMO_CARD_EXPIRY", "REVERSIBLE_TYPES", "TXN_NAMES", "parse_amount_fen", "pos_main"]
 
 _MAX_AMOUNT_FEN = 999_999_999_999  # F4 is n12
 
@@ -95,6 +96,108 @@ def _card_arg(text: str) -> str:
     return text
 
 
+def _digits_arg(name: str, width: int) -> Callable[[str], str]:
+    """1 to ``width`` digits, zero-padded to ``width`` (a slip's trace ``2`` is ``000002``)."""
+
+    def parse(text: str) -> str:
+        if not 1 <= len(text) <= width or not text.isdigit() or not text.isascii():
+            raise argparse.ArgumentTypeError(f"{name} must be 1 to {width} digits")
+        return text.zfill(width)
+
+    return parse
+
+
+def _rrn_arg(text: str) -> str:
+    if len(text) != 12 or not text.isascii() or not text.isalnum():
+        raise argparse.ArgumentTypeError("RRN must be the 12 characters of the slip's REF. NO.")
+    return text
+
+
+def _auth_code_arg(text: str) -> str:
+    if len(text) != 6 or not text.isascii() or not text.isalnum():
+        raise argparse.ArgumentTypeError("auth code must be the 6 characters of the slip's AUTH NO.")
+    return text
+
+
+def _date_arg(text: str) -> str:
+    """MMDD (the slip's DATE/TIME shows it as MM/DD, which is accepted too)."""
+    mmdd = text.replace("/", "", 1) if len(text) == 5 and text[2] == "/" else text
+    if len(mmdd) != 4 or not mmdd.isdigit() or not mmdd.isascii() or not (
+        1 <= int(mmdd[:2]) <= 12 and 1 <= int(mmdd[2:]) <= 31
+    ):
+        raise argparse.ArgumentTypeError("date must be MMDD, e.g. 1126")
+    return mmdd
+
+
+def _payment_code_arg(text: str) -> str:
+    if len(text) != 18 or not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError("payment code must be 18 digits")
+    return text
+
+
+_stan_arg = _digits_arg("STAN", 6)
+_batch_arg = _digits_arg("batch", 6)
+
+# reverse --type: (F3, F25, 60.1) of the original (§6; the 0400 repeats them, §11)
+REVERSIBLE_TYPES: dict[str, tuple[str, str, str]] = {
+    "consume": ("000000", "00", "22"),
+    "scan": ("000000", "00", "22"),
+    "void": ("200000", "00", "23"),
+    "pre-auth": ("030000", "06", "10"),
+    "pre-auth-void": ("200000", "06", "11"),
+    "completion": ("000000", "06", "20"),
+    "completion-void": ("200000", "06", "21"),
+    "transfer": ("400000", "00", "49"),
+}
+
+TXN_NAMES: dict[str, str] = {
+    "consume": "消费 SALE",
+    "balance": "余额查询 BALANCE INQUIRY",
+    "void": "撤销 VOID",
+    "refund": "退货 REFUND",
+    "pre-auth": "预授权 PRE-AUTH",
+    "pre-auth-void": "预授权撤销 PRE-AUTH VOID",
+    "completion": "预授权完成(请求) AUTH COMPLETION",
+    "completion-advice": "预授权完成(通知) AUTH COMPLETION ADVICE",
+    "completion-void": "预授权完成撤销 COMPLETION VOID",
+    "transfer": "转账 TRANSFER",
+    "scan": "扫码支付 SCAN-TO-PAY",
+    "reverse": "冲正 REVERSAL",
+}
+
+# actions whose request the terminal reverses when it gets no answer (98) or a bad MAC (A0), §11
+_REVERSIBLE_ACTIONS = frozenset(
+    {"consume", "scan", "void", "pre-auth", "pre-auth-void", "completion", "completion-void", "transfer"}
+)
+
+
+def _add_card(p: argparse.ArgumentParser, *, pin: bool = True, scan: bool = False, amount: bool = True) -> None:
+    p.add_argument("--card", required=True, type=_card_arg,
+                   help="card number" + (" (or the payment code with --entry scan)" if scan else ""))
+    if amount:
+        p.add_argument("--amount", required=True, type=_amount_arg, help="yuan, e.g. 123.45")
+    if pin:
+        p.add_argument("--pin", type=_pin_arg)
+    p.add_argument("--entry", choices=("swipe", "manual", "scan") if scan else ("swipe", "manual"), default="swipe")
+    p.add_argument("--expiry", help="YYMM (default for demo cards: their expiry)")
+
+
+def _add_original(p: argparse.ArgumentParser, *, rrn: bool = False, auth_code: bool = False, stan: bool = True,
+                  batch: bool = True, date: str = "optional") -> None:
+    """The original's references, as its slip prints them."""
+    if rrn:
+        p.add_argument("--rrn", required=True, type=_rrn_arg, help="the original's REF. NO.")
+    if auth_code:
+        p.add_argument("--auth-code", required=True, type=_auth_code_arg, help="the original's AUTH NO.")
+    if stan:
+        p.add_argument("--stan", required=True, type=_stan_arg, help="the original's TRACE NO.")
+    if batch:
+        p.add_argument("--batch", type=_batch_arg, help="the original's BATCH NO. (default: the current batch)")
+    if date != "none":
+        p.add_argument("--date", required=date == "required", type=_date_arg,
+                       help="the original's date MMDD (DATE/TIME on its slip)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switch pos", description="CUP POS terminal simulator: signs on, runs one action, prints the slip."
@@ -113,14 +216,40 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("sign-on", help="sign on and print the result")
-    for name, helptext in (("consume", "purchase"), ("balance", "balance inquiry")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--card", required=True, type=_card_arg)
-        if name == "consume":
-            p.add_argument("--amount", required=True, type=_amount_arg, help="yuan, e.g. 123.45")
-        p.add_argument("--pin", type=_pin_arg)
-        p.add_argument("--entry", choices=("swipe", "manual"), default="swipe")
-        p.add_argument("--expiry", help="YYMM (default for demo cards: their expiry)")
+    p = sub.add_parser("consume", help="purchase")
+    _add_card(p)
+    p = sub.add_parser("balance", help="balance inquiry")
+    _add_card(p, amount=False)
+    p = sub.add_parser("void", help="void a consume or scan-to-pay of the open batch")
+    _add_original(p, rrn=True)
+    _add_card(p, scan=True)
+    p = sub.add_parser("refund", help="refund (part of) a consume, scan-to-pay or completion")
+    _add_original(p, rrn=True, stan=False, batch=False, date="required")
+    _add_card(p, scan=True)
+    p = sub.add_parser("pre-auth", help="pre-authorisation (hold funds)")
+    _add_card(p)
+    p = sub.add_parser("pre-auth-void", help="void a pre-auth (amount = the pre-auth's)")
+    _add_original(p, auth_code=True, date="required")
+    _add_card(p)
+    p = sub.add_parser("completion", help="complete a pre-auth (at most 115%% of it)")
+    _add_original(p, auth_code=True, date="required")
+    _add_card(p)
+    p.add_argument("--advice", action="store_true", help="send a completion advice (0220) instead of a request")
+    p = sub.add_parser("completion-void", help="void a completion of the open batch")
+    _add_original(p, rrn=True)
+    _add_card(p)
+    p = sub.add_parser("transfer", help="card to card transfer")
+    _add_card(p)
+    p.add_argument("--to", required=True, type=_card_arg, help="destination card number")
+    p = sub.add_parser("scan", help="scan-to-pay with a customer's wallet payment code")
+    p.add_argument("--code", required=True, type=_payment_code_arg, help="the 18-digit payment code")
+    p.add_argument("--amount", required=True, type=_amount_arg, help="yuan, e.g. 123.45")
+    p = sub.add_parser("reverse", help="reverse an earlier request of this terminal (0400)")
+    p.add_argument("--type", required=True, choices=sorted(REVERSIBLE_TYPES), help="the original's type")
+    _add_original(p, date="none")
+    _add_card(p, pin=False, scan=True)
+    p.add_argument("--reason", choices=("96", "98", "A0", "06"), default="96",
+                   help="F39 reason: 96 terminal failure (default), 98 no answer, A0 bad MAC, 06 other")
     sub.add_parser("echo", help="echo test")
     sub.add_parser("sign-off", help="sign off")
     return parser
@@ -173,49 +302,130 @@ async def _run_action(client: TerminalClient, args: argparse.Namespace, mid: str
             print(f"签到失败 SIGN-ON FAILED: {signed.code or '--'} {english} {chinese}")
             return 1
         print(f"签到成功 SIGNED ON: batch {client.batch}, key mode {args.mode}")
-        resp: Response
-        amount: int | None = None
-        if args.action == "sign-on":
-            resp, name = signed, "签到 SIGN-ON"
-        elif args.action == "echo":
-            resp, name = await client.echo_test(), "回响测试 ECHO TEST"
-        elif args.action == "sign-off":
-            resp, name = await client.sign_off(), "签退 SIGN-OFF"
-        else:
+        action: str = args.action
+        if action in ("sign-on", "echo", "sign-off"):
+            if action == "sign-on":
+                resp, name = signed, "签到 SIGN-ON"
+            elif action == "echo":
+                resp, name = await client.echo_test(), "回响测试 ECHO TEST"
+            else:
+                resp, name = await client.sign_off(), "签退 SIGN-OFF"
+            print(format_receipt(resp, shop_name=shop, txn_name=name, amount_fen=None), end="")
+            return 0 if resp.approved else 1
+        expiry: str | None = None
+        if action != "scan":
             expiry = args.expiry or DEMO_CARD_EXPIRY.get(args.card)
             if args.entry == "swipe" and expiry is None:
-                print("error: --expiry YYMM is needed to swipe a card that is not a demo card", file=sys.stderr)
-                return 2
-            if args.action == "consume":
-                amount = args.amount
-                fields = client.card_fields(
-                    processing_code="000000", type_code="22", card=args.card, amount_fen=args.amount,
-                    pin=args.pin, entry=args.entry, expiry=expiry,
-                )
+                if action != "reverse":
+                    print("error: --expiry YYMM is needed to swipe a card that is not a demo card", file=sys.stderr)
+                    return 2
+                expiry = "0000"  # a 0400 repeats no track (§11): any expiry builds the original's fields
+            if args.entry == "scan":
+                expiry = None
+        reversible = action in _REVERSIBLE_ACTIONS and not (action == "completion" and args.advice)
+        try:
+            resp, original = await _send(client, args, expiry)
+        except ResponseTimeout as exc:
+            if reversible:
+                # §11: no answer -> the terminal reverses the request (reason 98) before giving up.
                 try:
-                    resp = await client.send_fields("0200", fields, mac=True)
-                except TimeoutError:
-                    # §11: no answer -> the terminal reverses the consume (reason 98) before giving up.
-                    try:
-                        rev = await client.reversal(fields, "98")
-                        print(f"冲正 REVERSAL: {rev.code or '--'}", file=sys.stderr)
-                    except (TimeoutError, TerminalConnectionError):
-                        print("冲正 REVERSAL: no answer (the switch reverses unanswered requests)",
-                              file=sys.stderr)
-                    raise
-                name = "消费 SALE"
-            else:
-                resp = await client.balance(args.card, pin=args.pin, entry=args.entry, expiry=expiry)
-                name = "余额查询 BALANCE INQUIRY"
-        print(format_receipt(resp, shop_name=shop, txn_name=name, amount_fen=amount), end="")
+                    rev = await client.reversal(exc.request_fields, "98")
+                    print(f"冲正 REVERSAL: {rev.code or '--'}", file=sys.stderr)
+                except (TimeoutError, TerminalConnectionError):
+                    print("冲正 REVERSAL: no answer (the switch reverses unanswered requests)", file=sys.stderr)
+            raise
+        name = TXN_NAMES["completion-advice" if action == "completion" and args.advice else action]
+        amount: int | None = getattr(args, "amount", None)
+        print(format_receipt(resp, shop_name=shop, txn_name=name, amount_fen=amount, original=original,
+                             to_card=args.to if action == "transfer" else None), end="")
         if resp.approved and resp.mac_ok is False:
             # §11: a response whose MAC fails is not trusted; the terminal reverses it (reason A0).
             print("response MAC invalid: transaction not accepted", file=sys.stderr)
-            if args.action == "consume":
+            if reversible:
                 rev = await client.reversal(resp.request_fields, "A0")
                 print(f"冲正 REVERSAL: {rev.code or '--'}", file=sys.stderr)
             return 1
+        if resp.approved:
+            for line in _next_steps(action, args, resp):
+                print(line)
         return 0 if resp.approved else 1
+
+
+def _next_steps(action: str, args: argparse.Namespace, resp: Response) -> list[str]:
+    """How to name this transaction in a follow-up, as ``switch pos`` arguments (card masked:
+    give the full number yourself)."""
+    if action == "completion" and args.advice:
+        action = "completion-advice"
+    rrn = str(resp.fields.get(37, "")).strip()
+    auth = str(resp.fields.get(38, "")).strip()
+    stan, batch, date = resp.stan, resp.batch, str(resp.fields.get(13, ""))
+    card = "--card " + ("<code>" if action == "scan" or getattr(args, "entry", "") == "scan" else "<card>")
+    ref = f"--rrn {rrn} --stan {stan} --batch {batch} --date {date}"
+    steps = {
+        "consume": [f"void {ref} {card}", f"refund --rrn {rrn} --date {date} {card}"],
+        "scan": [f"void {ref} {card} --entry scan", f"refund --rrn {rrn} --date {date} {card} --entry scan"],
+        "pre-auth": [f"pre-auth-void --auth-code {auth} --stan {stan} --batch {batch} --date {date} {card}",
+                     f"completion --auth-code {auth} --stan {stan} --batch {batch} --date {date} {card}"],
+        "completion": [f"completion-void {ref} {card}", f"refund --rrn {rrn} --date {date} {card}"],
+        "completion-advice": [f"refund --rrn {rrn} --date {date} {card}"],
+    }.get(action, [])
+    if action in _REVERSIBLE_ACTIONS:
+        steps.append(f"reverse --type {action} --stan {stan} --batch {batch} {card}")
+    return [f"下一步 NEXT: switch pos {step} --amount <yuan>" for step in steps]
+
+
+async def _send(
+    client: TerminalClient, args: argparse.Namespace, expiry: str | None
+) -> tuple[Response, OriginalRef | None]:
+    """Build and send the request of a card action; the response and the original it names."""
+    action: str = args.action
+    if action == "consume":
+        return await client.consume(args.card, args.amount, pin=args.pin, entry=args.entry, expiry=expiry), None
+    if action == "balance":
+        return await client.balance(args.card, pin=args.pin, entry=args.entry, expiry=expiry), None
+    if action == "pre-auth":
+        return await client.pre_auth(args.card, args.amount, pin=args.pin, entry=args.entry, expiry=expiry), None
+    if action == "transfer":
+        resp = await client.transfer(args.card, args.amount, args.to, pin=args.pin, entry=args.entry, expiry=expiry)
+        return resp, None
+    if action == "scan":
+        return await client.scan_to_pay(args.code, args.amount), None
+    if action == "reverse":
+        pcode, condition, type_code = REVERSIBLE_TYPES[args.type]
+        entry = "scan" if args.type == "scan" else args.entry
+        fields = client.card_fields(
+            processing_code=pcode, type_code=type_code, condition_code=condition, card=args.card,
+            amount_fen=args.amount, entry=entry, expiry=None if entry == "scan" else expiry,
+            stan=args.stan, batch=args.batch or client.batch,
+        )
+        original = OriginalRef(card=args.card, amount_fen=args.amount, entry=entry,
+                               batch=args.batch or client.batch, stan=args.stan)
+        return await client.reversal(fields, args.reason), original
+    # follow-ups: the original as its slip names it
+    original = OriginalRef(
+        card=args.card,
+        amount_fen=None if action == "refund" else args.amount,
+        entry=args.entry,
+        expiry=expiry,
+        rrn=getattr(args, "rrn", None) or "",
+        auth_code=getattr(args, "auth_code", None) or "",
+        batch=getattr(args, "batch", None) or client.batch,
+        stan=getattr(args, "stan", None) or "",
+        date=getattr(args, "date", None) or "",
+    )
+    if action == "void":
+        resp = await client.void(original, pin=args.pin)
+    elif action == "refund":
+        resp = await client.refund(original, args.amount, pin=args.pin)
+    elif action == "pre-auth-void":
+        resp = await client.pre_auth_void(original, pin=args.pin)
+    elif action == "completion":
+        resp = await client.completion(original, args.amount, advice=args.advice, pin=args.pin)
+    elif action == "completion-void":
+        resp = await client.completion_void(original, pin=args.pin)
+    else:
+        raise AssertionError(f"unknown action {action}")
+    return resp, original
 
 
 def pos_main(argv: list[str] | None = None) -> int:
@@ -247,3 +457,6 @@ def pos_main(argv: list[str] | None = None) -> int:
     except KeyCheckError:
         print("error: the working keys from the switch failed their check values (wrong TMK?)", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a request the client refuses to build (e.g. a PIN with a payment code)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -383,6 +383,12 @@ class TerminalClient:
                     yield self
                 finally:
                     tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader never raises, so a group holds the caller's own error from the body:
+            # give it back as raised (``except TimeoutError`` around the block must still work).
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._conn = None
             conn.fail_all()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the client imports mask_pan from here; avoid an import cycle at run time
-    from switch.pos.client import Response
+    from switch.pos.client import OriginalRef, Response
 
 __all__ = [
     "RESPONSE_CODES",
@@ -103,9 +103,19 @@ def _card(resp: Response) -> str:
     return mask_pan(pan) if pan.isdigit() else "-"
 
 
-def format_receipt(resp: Response, *, shop_name: str, txn_name: str, amount_fen: int | None) -> str:
+def format_receipt(
+    resp: Response,
+    *,
+    shop_name: str,
+    txn_name: str,
+    amount_fen: int | None,
+    original: OriginalRef | None = None,
+    to_card: str | None = None,
+) -> str:
     """A POS slip for ``resp``: merchant, terminal, masked card, transaction, amount in yuan,
-    batch/trace, RRN, auth code, date/time, issuer and the response code with its meaning."""
+    batch/trace, RRN, auth code, date/time, issuer and the response code with its meaning.
+    A follow-up adds the references of its ``original`` that are known (batch, trace, RRN, auth
+    code, date: the ``原...`` / ``ORIG`` lines); a transfer adds its masked destination card."""
     code = resp.code
     english, chinese = code_meaning(code)
     f60 = _text(resp, 60)
@@ -132,6 +142,18 @@ def format_receipt(resp: Response, *, shop_name: str, txn_name: str, amount_fen:
         f"授权码 AUTH NO.   : {_text(resp, 38).strip() or '-'}",
         f"日期时间 DATE/TIME: {when}",
     ]
+    if original is not None:
+        for label, value in (
+            ("原批次号 ORIG BATCH ", original.batch),
+            ("原凭证号 ORIG TRACE ", original.stan),
+            ("原参考号 ORIG RRN   ", original.rrn.strip()),
+            ("原授权码 ORIG AUTH  ", original.auth_code.strip()),
+            ("原交易日期 ORIG DATE", f"{original.date[:2]}/{original.date[2:]}" if len(original.date) == 4 else ""),
+        ):
+            if value and set(value) != {"0"}:
+                lines.append(f"{label}: {value}")
+    if to_card is not None:
+        lines.append(f"转入卡号 TO CARD  : {mask_pan(to_card)}")
     if amount_fen is not None:
         lines.append(f"金额 AMOUNT       : RMB {format_yuan(amount_fen)}")
     f54 = _text(resp, 54)

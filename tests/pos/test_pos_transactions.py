@@ -319,3 +319,15 @@ async def test_a_timeout_carries_the_request_so_the_terminal_can_reverse_it(fake
     mti, r = sent(fake_switch, 1)
     assert mti == "0400" and r[3] == "030000" and r[25] == "06" and r[11] == "000002" and r[39] == "98"
     assert rev.code == "00"
+
+
+async def test_an_error_inside_the_connection_block_comes_out_as_raised(fake_switch):
+    """Not wrapped in an ExceptionGroup by the reader's task group, so callers (and the CLI's
+    exit codes) can catch TimeoutError, ValueError, ... around ``async with client.connect()``."""
+    async with fake_switch.serve(fake_switch.responder(fake_switch.standard)) as port:
+        client = TerminalClient("127.0.0.1", port, TID, MID, TMK)
+        with pytest.raises(ValueError, match="no PIN"):
+            async with client.connect():
+                await client.sign_on("003")
+                client.card_fields(processing_code="000000", type_code="22", card=CODE, amount_fen=1,
+                                   entry="scan", pin="123456")
