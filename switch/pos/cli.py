@@ -409,7 +409,7 @@ async def _send(
         expiry=expiry,
         rrn=getattr(args, "rrn", None) or "",
         auth_code=getattr(args, "auth_code", None) or "",
-        batch=getattr(args, "batch", None) or client.batch,
+        batch=(args.batch or client.batch) if hasattr(args, "batch") else "",  # a refund names no batch
         stan=getattr(args, "stan", None) or "",
         date=getattr(args, "date", None) or "",
     )
