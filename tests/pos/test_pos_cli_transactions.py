@@ -91,6 +91,8 @@ async def test_action_sends_its_message(fake_switch, vectors, capsys, case: Any)
     for text in slip_texts:
         assert text in out, text
     assert "00 Approved" in out
+    if argv[0] == "refund":
+        assert "ORIG BATCH" not in out and "ORIG TRACE" not in out  # named by RRN and date only
     assert CARD not in out and CMB not in out and "123456" not in out
 
 
