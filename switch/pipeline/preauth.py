@@ -81,7 +81,9 @@ async def pre_auth_follow_up(state: SwitchState, ctx: Context) -> None:
         return
     if not approve(state, ctx, reply):
         return
-    if advice:
+    if advice or txn.name == "pre_auth_void":
+        # issuers approve a pre-auth void (and may approve an advice) without a new code; the
+        # terminal's 0110/0230 still carries one (§4): the pre-auth's
         auth = reply.get(38)
         ctx.auth_code = auth if isinstance(auth, str) and len(auth.strip()) == 6 else str(row["auth_code"])
     elif not take_auth_code(ctx, reply):
