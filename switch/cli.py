@@ -67,6 +67,7 @@ COMMANDS: dict[str, str] = {
     "terminal": "switch.admin.terminal_cli:main",
     "report": "switch.admin.report_cli:main",
     "payout": "switch.admin.payout_cli:main",
+    "config": "switch.config_cli:main",
 }
 
 
