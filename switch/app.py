@@ -23,15 +23,15 @@ import anyio.abc
 
 from switch import demo_fixture
 from switch.adapters.http_endpoint import serve_http
-from switch.adapters.issuer_link import TcpIssuerLink
 from switch.adapters.prometheus import PrometheusMetrics
 from switch.adapters.sqlite_store import SqliteStore
 from switch.adapters.terminal_server import ServerSettings, TerminalServer
 from switch.core.codec import Codec, load_dialect
+from switch.config import Config, load_config
 from switch.crypto.keystore import MasterKey
-from switch.domain.cards import IssuerRoute, RoutingTable
 from switch.domain.model import Merchant, Terminal
 from switch.pipeline.context import Settings, SwitchState
+from switch.network import IssuerEndpoint, IssuerNetwork, routing_tables
 from switch.pipeline.manager import TransactionManager
 from switch.pipeline.reload import watch_changes
 from switch.pipeline.saf import StoreAndForward
@@ -40,17 +40,9 @@ log = logging.getLogger("switch.app")
 
 
 @dataclass
-class IssuerEndpoint:
-    name: str
-    host: str
-    port: int
-    prefixes: tuple[str, ...]
-    kind: str = "card"  # card: routed by BIN; wallet: scan-to-pay payment codes by prefix
-
-
-@dataclass
 class AppConfig:
     data_dir: Path
+    db_path: Path | None = None  # default: data_dir / switch.db
     host: str = "127.0.0.1"
     port: int = 5000
     metrics_port: int = 9100
@@ -59,6 +51,7 @@ class AppConfig:
     read_timeout: float = 10.0
     max_frame: int = 2048
     drain_timeout: float = 10.0
+    max_connections: int = 1000
     link_start_timeout: float = 10.0
     issuers: list[IssuerEndpoint] = field(default_factory=list)
     wait_for_links: tuple[str, ...] = ()  # links that must be up before the terminal port opens
@@ -87,40 +80,39 @@ async def run_switch(
     *,
     seed: Callable[[SqliteStore], None] | None = None,
     handle_signals: bool = True,
+    reload_issuers: Callable[[], list[IssuerEndpoint]] | None = None,
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Run the switch until SIGTERM/SIGINT (or ``Running.shutdown``). ``reload_issuers``: called on
+    SIGHUP for the new issuer list (routes and endpoints are swapped without dropping anything)."""
     metrics = PrometheusMetrics()
-    store = SqliteStore(cfg.data_dir / "switch.db", master_key, metrics)
+    store = SqliteStore(cfg.db_path or cfg.data_dir / "switch.db", master_key, metrics)
     store.open()
     try:
         if seed is not None and store.is_empty():
             seed(store)
-        links = {e.name: TcpIssuerLink(e.name, e.host, e.port, metrics) for e in cfg.issuers}
-        routes = RoutingTable(
-            [IssuerRoute(p, e.name) for e in cfg.issuers if e.kind == "card" for p in e.prefixes]
-        )
-        wallet_routes = RoutingTable(
-            [IssuerRoute(p, e.name) for e in cfg.issuers if e.kind == "wallet" for p in e.prefixes]
-        )
+        network = IssuerNetwork(metrics, cfg.issuer_timeout)
+        links = network.links  # one dict shared by the pipeline, store-and-forward and reloads
+        routes, wallet_routes = routing_tables(list(cfg.issuers))
         state = SwitchState(
             codec=Codec(load_dialect("terminal")),
             issuer_codec=Codec(load_dialect("issuer")),
             terminals=store.load_terminals(),
             merchants=store.load_merchants(),
             routes=routes,
-            links=dict(links),
+            links=links,
             zone_pin_keys=store.load_zone_pin_keys(),
             metrics=metrics,
             settings=Settings(issuer_timeout=cfg.issuer_timeout),
             wallet_routes=wallet_routes,
         )
         state.limits.load(store)
-        saf = StoreAndForward(store, dict(links), metrics, timeout=cfg.issuer_timeout)
+        saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf
         manager = TransactionManager(state, store)
         server = TerminalServer(
             ServerSettings(cfg.host, cfg.port, cfg.idle_timeout, cfg.read_timeout, cfg.max_frame,
-                           drain_timeout=cfg.drain_timeout),
+                           drain_timeout=cfg.drain_timeout, max_connections=cfg.max_connections),
             manager.handle,
             metrics,
         )
@@ -130,8 +122,7 @@ async def run_switch(
 
         async with anyio.create_task_group() as tg:
             await tg.start(store.run_writer)
-            for link in links.values():
-                await tg.start(link.run)
+            await network.start(tg, list(cfg.issuers))
             await tg.start(saf.run)  # delivers what a previous run left queued, too
             await tg.start(watch_changes, state)
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
@@ -142,6 +133,8 @@ async def run_switch(
                 port = await serving.start(server.serve)
                 if handle_signals:
                     serving.start_soon(_on_signal, server)
+                    if reload_issuers is not None:
+                        tg.start_soon(_on_sighup, network, state, reload_issuers)
                 task_status.started(Running(port, metrics_port, store, metrics, server.shutdown))
                 log.info("switch ready: terminal port %s, metrics port %s", port, metrics_port)
             # the server drained its connections; stop the rest (the writer flushes on the way out)
@@ -150,12 +143,51 @@ async def run_switch(
         store.close()
 
 
+async def _on_sighup(
+    network: IssuerNetwork, state: SwitchState, reload_issuers: Callable[[], list[IssuerEndpoint]]
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                endpoints = reload_issuers()
+            except Exception as exc:  # a bad file must not take the switch down: keep the old one
+                log.error("SIGHUP: configuration not reloaded: %s", exc)
+                continue
+            await network.apply(state, endpoints)
+            log.info("SIGHUP: issuer routes and endpoints reloaded (%d issuers)", len(endpoints))
+
+
 async def _on_signal(server: TerminalServer) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %s: draining", signal.Signals(signum).name)
             server.shutdown()
             return
+
+
+# ---- serve (a configuration file) ---------------------------------------------------------
+def app_config(cfg: Config) -> AppConfig:
+    return AppConfig(
+        data_dir=cfg.data_dir, db_path=cfg.sqlite_path, host=cfg.host, port=cfg.port,
+        metrics_port=cfg.metrics_port, issuer_timeout=cfg.issuer_timeout, idle_timeout=cfg.idle_timeout,
+        read_timeout=cfg.read_timeout, max_frame=cfg.max_frame, drain_timeout=cfg.drain_timeout,
+        max_connections=cfg.max_connections, issuers=endpoints_of(cfg),
+    )
+
+
+def endpoints_of(cfg: Config) -> list[IssuerEndpoint]:
+    return [IssuerEndpoint(i.name, i.host, i.port, i.prefixes, i.kind) for i in cfg.issuers]
+
+
+async def run_serve(config_path: Path | None, *, task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED) -> None:
+    """``switch serve``: the switch as configured; SIGHUP re-reads the file's issuers and routes."""
+    cfg = load_config(config_path, os.environ)
+    master_key = load_master_key(cfg.data_dir, create=False)
+
+    def reload_issuers() -> list[IssuerEndpoint]:
+        return endpoints_of(load_config(config_path, os.environ))
+
+    await run_switch(app_config(cfg), master_key, reload_issuers=reload_issuers, task_status=task_status)
 
 
 # ---- demo ---------------------------------------------------------------------------------

@@ -30,6 +30,33 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from switch.adapters.sqlite_store import StoreError
+    from switch.app import configure_logging, run, run_serve
+    from switch.config import ConfigError, load_config
+    from switch.crypto.keystore import MasterKeyError
+
+    p = argparse.ArgumentParser(prog="switch serve", description="Run the switch from a configuration file.")
+    p.add_argument("--config", type=Path, help="TOML file (see switch/config.py); SWITCH_* variables override it")
+    a = p.parse_args(argv)
+    import os
+
+    try:
+        cfg = load_config(a.config, os.environ)
+    except ConfigError as exc:
+        print(f"switch serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level.upper())
+    try:
+        run(lambda: run_serve(a.config))
+    except (MasterKeyError, ConfigError, StoreError) as exc:
+        print(f"switch serve: {exc}", file=sys.stderr)  # refuses to start: unreadable key, newer schema
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _journal(argv: list[str]) -> int:
     from switch.adapters.sqlite_store import SqliteStore
     from switch.app import load_master_key
@@ -60,6 +87,7 @@ def _journal(argv: list[str]) -> int:
 # command -> "module:function" taking argv and returning the exit code; imported on use
 COMMANDS: dict[str, str] = {
     "demo": "switch.cli:_demo",
+    "serve": "switch.cli:_serve",
     "journal": "switch.cli:_journal",
     "issuer": "switch.issuers.run:main_issuer",
     "pos": "switch.pos.cli:pos_main",

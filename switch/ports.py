@@ -31,6 +31,10 @@ class IssuerLink(Protocol):
     @property
     def is_up(self) -> bool: ...
 
+    async def wait_up(self, timeout: float) -> bool:
+        """True once the link is up (False after ``timeout`` seconds)."""
+        ...
+
     async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
         """Send a request and wait for the reply matched by F11 (not by order).
 

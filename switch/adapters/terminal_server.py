@@ -37,6 +37,7 @@ class ServerSettings:
     max_frame: int = 2048
     max_in_flight_per_connection: int = 32
     drain_timeout: float = 10.0
+    max_connections: int = 1000
 
 
 class _Closed(Exception):
@@ -52,6 +53,7 @@ class TerminalServer:
         self.port: int | None = None
         self._stop_reading = anyio.Event()
         self._accept_scope: anyio.CancelScope | None = None
+        self.open_connections = 0
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listener = await anyio.create_tcp_listener(local_host=self.settings.host, local_port=self.settings.port)
@@ -72,6 +74,21 @@ class TerminalServer:
             self._accept_scope.cancel()
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        if self.open_connections >= self.settings.max_connections:
+            # over the limit: refused at once, counted, never read
+            self.metrics.connection_opened()
+            self.metrics.connection_closed("max_connections")
+            log.warning("refusing a terminal connection: %d open", self.open_connections)
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        self.open_connections += 1
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
         s = self.settings
         try:
             peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address)[0])
