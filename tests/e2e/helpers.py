@@ -3,7 +3,7 @@
 Owns: building the terminal-side requests of protocol §6 (voids, refunds, the pre-auth family,
 transfer, scan-to-pay, reversal) from ``TerminalClient.card_fields`` plus the fields §6.1 and §7
 name (F37, F38, F48, F61, F25, 60.1), reading F54 (available funds, in fen) with a balance
-inquiry, bounded polling, and recording which MTIs a mock issuer received.
+inquiry, running the demo in-process, bounded polling, and recording which MTIs a mock issuer received.
 
 Must not: depend on TerminalClient convenience methods beyond sign-on, consume, balance and
 ``card_fields``/``send_fields``/``send_raw``; sleep as an assertion (every poll is bounded and
@@ -12,13 +12,16 @@ returns whether its condition became true); log or print a PIN or a full PAN.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from prometheus_client.parser import text_string_to_metric_families
 
+from switch.app import Running, run_demo
 from switch.core.codec import Fields, FieldValue
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.issuers.mock import MockIssuer
@@ -74,6 +77,24 @@ async def signed_on(client: TerminalClient, mode: str = "003") -> AsyncIterator[
         yield client
 
 
+@asynccontextmanager
+async def in_process_demo(
+    data_dir: Path, mocks: dict[str, MockIssuer], *, issuer_timeout: float = 0.5
+) -> AsyncIterator[Running]:
+    """``run_demo`` in this event loop on free 127.0.0.1 ports with the given mock issuers (kept
+    by the caller to read their books and flip their behaviour). On exit the switch drains and
+    stops, and the mocks' servers with it (their books stay in the objects)."""
+    async with anyio.create_task_group() as tg:
+        running: Running = await tg.start(functools.partial(
+            run_demo, data_dir, port=0, metrics_port=0, issuer_timeout=issuer_timeout,
+            handle_signals=False, mocks=mocks,
+        ))
+        try:
+            yield running
+        finally:
+            running.shutdown()
+
+
 # ---- building requests --------------------------------------------------------------------
 def original_ref(original: Response) -> str:
     """F61 naming ``original``: 61.1 batch + 61.2 STAN + 61.3 the F13 of its response."""
@@ -92,7 +113,7 @@ def card_request(
     pin: str | None = None,
     expiry: str | None = None,
     entry: str = "swipe",
-    extra: dict[int, FieldValue] | None = None,
+    extra: Mapping[int, FieldValue] | None = None,
 ) -> tuple[str, Fields]:
     """(MTI, fields) of a card request of ``kind`` (see ``KEYS``); takes the next STAN."""
     mti, pcode, condition, type_code = KEYS[kind]
@@ -106,7 +127,7 @@ def card_request(
 
 
 def scan_request(
-    term: TerminalClient, kind: str, code: str, amount_fen: int, *, extra: dict[int, FieldValue] | None = None
+    term: TerminalClient, kind: str, code: str, amount_fen: int, *, extra: Mapping[int, FieldValue] | None = None
 ) -> tuple[str, Fields]:
     """Scan-to-pay (§7) and its void / refund: F22 = 032, F2 = the payment code, no PIN, no F14."""
     mti, fields = card_request(term, kind, code, amount_fen, entry="manual")
@@ -148,7 +169,7 @@ async def send(term: TerminalClient, request: tuple[str, Fields]) -> Response:
 
 async def do(
     term: TerminalClient, kind: str, card: str, amount_fen: int | None, *, pin: bool = True,
-    extra: dict[int, FieldValue] | None = None,
+    extra: Mapping[int, FieldValue] | None = None,
 ) -> Response:
     """Send a swiped card request of ``kind``; with ``pin`` the card's §14 PIN is entered."""
     return await send(term, card_request(term, kind, card, amount_fen, pin=PIN[card] if pin else None,
@@ -198,17 +219,20 @@ class Received:
     mti: str
     f3: str
     f90: str
+    answered: bool  # the mock produced a reply (normal behaviour)
 
 
 def record_mtis(mock: MockIssuer) -> list[Received]:
-    """Record every request ``mock`` handles (MTI, F3, F90), in order. Wraps the instance's
-    ``handle`` (the TCP server calls it once per decoded request); the rules are untouched."""
+    """Record every request ``mock`` handles (MTI, F3, F90, answered), in order, once handled.
+    Wraps the instance's ``handle`` (the TCP server calls it once per decoded request); the
+    rules are untouched."""
     seen: list[Received] = []
     inner = mock.handle
 
     def handle(mti: str, fields: Fields) -> tuple[str, Fields] | None:
-        seen.append(Received(mti, str(fields.get(3, "")), str(fields.get(90, ""))))
-        return inner(mti, fields)
+        reply = inner(mti, fields)
+        seen.append(Received(mti, str(fields.get(3, "")), str(fields.get(90, "")), reply is not None))
+        return reply
 
     mock.handle = handle  # type: ignore[method-assign]
     return seen

@@ -195,12 +195,6 @@ async def test_pre_auth_holds_funds_and_a_void_of_another_amount_is_64(demo: Dem
         assert await available(term, ICBC_CARD) == before - 30_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="switch/pipeline/preauth.py pre_auth_follow_up demands F38 from the issuer for a pre-auth "
-    "void (take_auth_code), but specs/issuer.md says a pre-auth void approval carries no F38: the "
-    "switch answers 96 and queues a reversal of the void, so a pre-auth can never be voided",
-)
 async def test_pre_auth_void_releases_the_hold(demo: DemoSwitch) -> None:
     async with signed_on(demo.terminal()) as term:
         before = await available(term, ICBC_CARD)
@@ -208,8 +202,7 @@ async def test_pre_auth_void_releases_the_hold(demo: DemoSwitch) -> None:
         assert pre_auth.code == "00"
         ref = pre_auth_extra(pre_auth)
         void = await do(term, "pre_auth_void", ICBC_CARD, 30_000, extra=ref)
-        # the money is consistent with the answer either way: a 96 leaves the hold in place
-        assert void.mti == "0110" and void.code == "00", void
+        assert_approved_with_auth(void, "0110")  # §4: every approved 0110 carries an auth code
         assert await available(term, ICBC_CARD) == before
         assert (await do(term, "pre_auth_void", ICBC_CARD, 30_000, extra=ref)).code == "12"
         assert (await do(term, "completion", ICBC_CARD, 10_000, extra=ref)).code == "12"
