@@ -63,6 +63,9 @@ class Metrics(Protocol):
     def saf_attempt(self, issuer: str, outcome: str) -> None: ...
     def duplicate(self, outcome: str) -> None: ...
     def activation_failure(self, reason: str) -> None: ...
+    def issuer_pending(self, issuer: str, pending: int) -> None: ...
+    def stage(self, stage: str, seconds: float) -> None: ...
+    def limit_rejection(self) -> None: ...
 
 
 class NullMetrics:
@@ -108,4 +111,13 @@ class NullMetrics:
         pass
 
     def activation_failure(self, reason: str) -> None:
+        pass
+
+    def issuer_pending(self, issuer: str, pending: int) -> None:
+        pass
+
+    def stage(self, stage: str, seconds: float) -> None:
+        pass
+
+    def limit_rejection(self) -> None:
         pass

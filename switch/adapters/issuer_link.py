@@ -69,8 +69,9 @@ def transmission_datetime(now: datetime | None = None) -> str:
 
 
 def response_mti(mti: str) -> str:
-    """Request MTI + 10 (0200 -> 0210)."""
-    return mti[:2] + str(int(mti[2]) + 1) + mti[3]
+    """Request MTI + 10 (0200 -> 0210); a repeat is answered like its first transmission
+    (0401 -> 0410, 0221 -> 0230; specs/issuer.md)."""
+    return mti[:2] + str(int(mti[2]) + 1) + ("0" if mti[3] == "1" else mti[3])
 
 
 class _StanCounter:
@@ -257,6 +258,7 @@ class TcpIssuerLink:
         data = frame(self._codec.encode(mti, fields))
         waiter = _Waiter(mti)
         self._pending[stan] = waiter
+        self._metrics.issuer_pending(self.name, len(self._pending))
         writing = False
         written = False
         try:
@@ -285,6 +287,7 @@ class TcpIssuerLink:
         finally:
             if self._pending.get(stan) is waiter:
                 del self._pending[stan]
+            self._metrics.issuer_pending(self.name, len(self._pending))
 
 
 class MessageHandler(Protocol):

@@ -65,6 +65,11 @@ class PrometheusMetrics:
     - ``switch_saf_attempts_total``, counter, ``issuer``, ``outcome``: delivery attempts
       (``acknowledged``, ``timeout``, ``unavailable``, ``refused``); every attempt after the first
       of a message is a retransmission (0401 / 0221).
+    - ``switch_pipeline_stage_seconds``, histogram, ``stage``: time spent per pipeline stage of a
+      request: ``checks`` (§12.1 steps 2-9), ``handler`` (issuer round trips included),
+      ``respond`` (building and signing the response), ``journal`` (waiting for the durable commit).
+    - ``switch_issuer_pending``, gauge, ``issuer``: requests written to the issuer and not answered yet.
+    - ``switch_limit_rejections_total``, counter, no labels: requests refused with ``61``.
     - ``switch_activation_failures_total``, counter, ``reason``: activations refused (``wrong_code``,
       ``lockout``, ``bad_key``).
     - ``switch_duplicates_total``, counter, ``outcome``: retransmitted requests answered from the
@@ -175,6 +180,16 @@ class PrometheusMetrics:
         self._saf_attempts = Counter(
             "switch_saf_attempts_total", "Store-and-forward delivery attempts.", ["issuer", "outcome"], registry=r
         )
+        self._stages = Histogram(
+            "switch_pipeline_stage_seconds", "Time per pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._issuer_pending = Gauge(
+            "switch_issuer_pending", "Issuer requests awaiting a reply.", ["issuer"], registry=r
+        )
+        self._limit_rejections = Counter(
+            "switch_limit_rejections", "Requests refused for the merchant's monthly limit (61).", registry=r
+        )
         self._activation_failures = Counter(
             "switch_activation_failures", "Activations refused, by reason.", ["reason"], registry=r
         )
@@ -231,6 +246,15 @@ class PrometheusMetrics:
 
     def activation_failure(self, reason: str) -> None:
         self._activation_failures.labels(reason=reason).inc()
+
+    def issuer_pending(self, issuer: str, pending: int) -> None:
+        self._issuer_pending.labels(issuer=issuer).set(pending)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self._stages.labels(stage=stage).observe(seconds)
+
+    def limit_rejection(self) -> None:
+        self._limit_rejections.inc()
 
     # --- exposition -----------------------------------------------------------------------
 

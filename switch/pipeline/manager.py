@@ -140,13 +140,17 @@ class TransactionManager:
 
     async def _run(self, ctx: Context) -> None:
         state = self.state
+        t0 = time.perf_counter()
         checks.classify_request(ctx)
         for check in CHECKS:
             result = check(state, ctx)
             if result is not None:
                 await result
             if ctx.rc is not None or ctx.resend is not None:
+                state.metrics.stage("checks", time.perf_counter() - t0)
                 return
+        state.metrics.stage("checks", time.perf_counter() - t0)
+        t0 = time.perf_counter()
         txn = ctx.txn
         assert txn is not None
         if txn.financial:
@@ -156,6 +160,7 @@ class TransactionManager:
             sync(state, ctx)
         else:
             await ASYNC_HANDLERS[txn.name](state, ctx)
+        state.metrics.stage("handler", time.perf_counter() - t0)
         if ctx.rc is None:  # a handler must decide
             ctx.rc = ResultCode.SYSTEM_ERROR
 
@@ -232,6 +237,7 @@ class TransactionManager:
     async def _respond(self, ctx: Context) -> bytes:
         state = self.state
         req = ctx.request
+        t0 = time.perf_counter()
         needs_rrn = req.mti not in ("0800", "0820", "0320") or (
             ctx.txn is not None and ctx.txn.name == "sign_on"
         )
@@ -245,7 +251,10 @@ class TransactionManager:
             mak = t.mak
             mac = lambda mab: cup_mac(mak, mab)  # noqa: E731
         data = encode_response(state.codec, req, fields, self._digit6(ctx), mac)
+        t1 = time.perf_counter()
+        state.metrics.stage("respond", t1 - t0)
         await self._journal(ctx, rc, data)
+        state.metrics.stage("journal", time.perf_counter() - t1)
         seconds = time.perf_counter() - ctx.started
         txn_label = ctx.txn.name if ctx.txn else "unknown"
         state.metrics.request_completed(txn_label, rc.value, seconds)

@@ -334,3 +334,11 @@ async def test_in_memory_link_uses_the_mock_rules_and_the_codec() -> None:
     silent = InMemoryIssuerLink("SLOW", mock_from_demo(demo_issuers()["SLOW"]))
     with pytest.raises(IssuerTimeout):
         await silent.send("0800", {}, timeout=1)
+
+
+def test_a_repeat_is_answered_like_its_first_transmission() -> None:
+    """specs/issuer.md: 0401 → 0410, 0221 → 0230 (the link must accept those as the replies)."""
+    from switch.adapters.issuer_link import response_mti
+
+    assert [response_mti(m) for m in ("0100", "0200", "0220", "0221", "0400", "0401", "0800")] == [
+        "0110", "0210", "0230", "0230", "0410", "0410", "0810"]

@@ -166,13 +166,6 @@ async def test_retransmitted_sign_on_gives_the_same_keys_and_they_work(tmp_path:
 
 
 # ---- store-and-forward (§11) ---------------------------------------------------------------
-LINK_DROPS_REPEAT_ACKS = (
-    "switch/adapters/issuer_link.py TcpIssuerLink._on_frame accepts only request MTI + 10 as the "
-    "reply (0401 -> 0411, 0221 -> 0231), but specs/issuer.md answers a 0401 with 0410 and a 0221 "
-    "with 0230: the acknowledgement of every store-and-forward retransmission is dropped as "
-    "'reply 0410 to request 0401', so a queued message that missed its first attempt never leaves "
-    "the queue (§11: retry until the issuer acknowledges) although the issuer has applied it"
-)
 
 
 def reversals(seen: list[Received]) -> list[Received]:
@@ -225,7 +218,6 @@ async def test_queued_reversal_is_forwarded_as_0401_and_restores_the_balance_onc
     assert len({m.f90 for m in sent}) == 1  # all name the same original issuer request
 
 
-@pytest.mark.xfail(strict=True, reason=LINK_DROPS_REPEAT_ACKS)
 async def test_forwarded_reversal_is_acknowledged_and_leaves_the_queue(tmp_path: Path) -> None:
     mocks = demo_mocks()
     icbc = mocks["ICBC"]
@@ -321,7 +313,6 @@ async def test_refund_advice_is_queued_and_delivered_once(tmp_path: Path, behavi
     assert advices[0] == "0220" and set(advices[1:]) <= {"0220", "0221"}  # the first attempt may repeat 0220
 
 
-@pytest.mark.xfail(strict=True, reason=LINK_DROPS_REPEAT_ACKS)
 async def test_forwarded_refund_advice_is_acknowledged_and_leaves_the_queue(tmp_path: Path) -> None:
     mocks = demo_mocks()
     icbc = mocks["ICBC"]

@@ -105,6 +105,15 @@ class RecordingMetrics:
     def activation_failure(self, reason: str) -> None:
         pass
 
+    def issuer_pending(self, issuer: str, pending: int) -> None:
+        pass
+
+    def stage(self, stage: str, seconds: float) -> None:
+        pass
+
+    def limit_rejection(self) -> None:
+        pass
+
     def mac_failure(self) -> None:
         self.mac_failures += 1
 
