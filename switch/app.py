@@ -26,6 +26,7 @@ from switch.adapters.http_endpoint import serve_http
 from switch.adapters.prometheus import PrometheusMetrics
 from switch.adapters.sqlite_store import SqliteStore
 from switch.adapters.terminal_server import ServerSettings, TerminalServer
+from switch.adapters.webhooks import WebhookOutbox
 from switch.core.codec import Codec, load_dialect
 from switch.config import Config, load_config
 from switch.crypto.keystore import MasterKey
@@ -109,6 +110,9 @@ async def run_switch(
         state.limits.load(store)
         saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf
+        outbox = WebhookOutbox(store)
+        outbox.refresh()
+        state.outbox = outbox
         manager = TransactionManager(state, store)
         server = TerminalServer(
             ServerSettings(cfg.host, cfg.port, cfg.idle_timeout, cfg.read_timeout, cfg.max_frame,
@@ -124,6 +128,7 @@ async def run_switch(
             await tg.start(store.run_writer)
             await network.start(tg, list(cfg.issuers))
             await tg.start(saf.run)  # delivers what a previous run left queued, too
+            await tg.start(outbox.run)
             await tg.start(watch_changes, state)
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
             for name in cfg.wait_for_links:

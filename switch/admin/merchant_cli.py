@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("disable", "enable"):
         c = command(name, f"{name.capitalize()} a merchant.")
         c.add_argument("mid")
+    hook = command("webhook", "Bind a notification URL; prints the signing secret once.")
+    hook.add_argument("mid")
+    hook.add_argument("--url", help="http(s) URL receiving signed JSON events (omit to unbind)")
     up = command("upgrade", "Make a micro merchant an enterprise (a higher monthly limit).")
     up.add_argument("mid")
     up.add_argument("--licence", required=True)
@@ -158,6 +161,13 @@ def _run(a: argparse.Namespace) -> int:
             state = "disabled" if a.action == "disable" else "active"
             changed = onboarding.set_merchant_state(store, a.mid, state)
             print(f"merchant {a.mid} {state}" + ("" if changed else " (unchanged)"))
+        elif a.action == "webhook":
+            secret = onboarding.set_webhook(store, a.mid, a.url)
+            if secret is None:
+                print(f"merchant {a.mid}: webhook removed")
+            else:
+                print(f"merchant {a.mid}: webhook {a.url}")
+                print(f"signing secret (shown once) {secret}")
         else:  # upgrade
             limit = None if a.monthly_limit is None else yuan_to_fen(a.monthly_limit)
             onboarding.upgrade_to_enterprise(store, a.mid, a.licence, limit)

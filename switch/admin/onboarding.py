@@ -365,6 +365,24 @@ def set_merchant_state(store: SqliteStore, mid: str, state: str) -> bool:
     return True
 
 
+def set_webhook(store: SqliteStore, mid: str, url: str | None) -> str | None:
+    """Bind (or with None, unbind) the merchant's notification URL. Returns the new signing
+    secret (hex), which is shown once: events are signed with HMAC-SHA256 under it
+    (switch/adapters/webhooks.py)."""
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise OnboardingError("webhook URL must start with http:// or https://")
+    secret = secrets.token_bytes(32) if url is not None else None
+    with _transaction(store) as db:
+        _merchant_row(db, mid)
+        seq = bump_change_seq(store)
+        db.execute(
+            "UPDATE merchants SET webhook_url = ?, webhook_secret_enc = ?, change_seq = ? WHERE mid = ?",
+            (url, store.master_key.wrap(secret, f"webhook:{mid}") if secret else None, seq, mid),
+        )
+    log.info("merchant %s webhook %s", mid, "bound" if url else "removed")
+    return secret.hex() if secret else None
+
+
 def _unwrap_text(store: SqliteStore, blob: bytes | None, context: str) -> str | None:
     return None if blob is None else store.master_key.unwrap(blob, context).decode()
 

@@ -23,6 +23,7 @@ from switch.pipeline.limits import MonthlyLimits
 
 if TYPE_CHECKING:
     from switch.adapters.sqlite_store import Op, SqliteStore
+    from switch.adapters.webhooks import WebhookOutbox
     from switch.pipeline.activation import ActivationGuard
     from switch.pipeline.saf import StoreAndForward
 
@@ -54,6 +55,7 @@ class SwitchState:
     wallet_routes: RoutingTable = field(default_factory=lambda: RoutingTable([]))
     store: SqliteStore | None = None  # set by the TransactionManager
     saf: StoreAndForward | None = None
+    outbox: WebhookOutbox | None = None  # merchant notifications (adapters/webhooks.py)
     # §11: requests being processed, by duplicate key; copies wait for the first one's answer
     inflight: dict[str, InFlight] = field(default_factory=dict)
     # one lock per original journal row: voids, refunds, completions and reversals of the same
@@ -70,6 +72,7 @@ class SwitchState:
 
 
 def _activation_guard() -> ActivationGuard:
+    from switch.adapters.webhooks import WebhookOutbox
     from switch.pipeline.activation import ActivationGuard
 
     return ActivationGuard()

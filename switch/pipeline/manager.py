@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable, Union
 
 from switch.adapters.sqlite_store import JournalEntry, SqliteStore
+from switch.adapters.webhooks import event_from_journal
 from switch.core.codec import Fields
 from switch.core.framing import Frame
 from switch.core.messages import (
@@ -326,7 +327,19 @@ class TransactionManager:
             pan_enc=store.wrap_pan(ctx.pan) if ctx.pan and financial_row and not resent else None,
             legs=json.dumps(ctx.legs) if ctx.legs else None,
         )
+        outbox = self.state.outbox
+        notify = (
+            outbox is not None and financial_row and not resent and ctx.txn is not None
+            and outbox.wants(entry.mid)
+        )
+        if notify:
+            assert outbox is not None
+            # the merchant's notification is queued in the same commit; delivery never waits here
+            ops.append(outbox.op_enqueue(entry.mid, event_from_journal(entry)))
         await store.write(*ops, store.op_journal(entry))
+        if notify:
+            assert outbox is not None
+            outbox.wake()
         limits = self.state.limits
         if ctx.limit_reservation is not None:
             limits.settle(*ctx.limit_reservation, approved=entry.state == "approved")

@@ -29,7 +29,10 @@ def reload_changes(state: SwitchState, seen: int) -> int:
     seq = int(rows[0]["value"]) if rows else 0
     if seq == seen:
         return seen
-    for mid, m in store.load_merchants("change_seq > ?", (seen,), reader=True).items():
+    changed_merchants = store.load_merchants("change_seq > ?", (seen,), reader=True)
+    if changed_merchants and state.outbox is not None:
+        state.outbox.refresh()  # webhook URLs may have changed
+    for mid, m in changed_merchants.items():
         cur = state.merchants.get(mid)
         if cur is None:
             state.merchants[mid] = m

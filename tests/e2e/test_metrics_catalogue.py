@@ -82,3 +82,4 @@ def test_health_endpoints(demo: DemoSwitch) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(base + "/nope", timeout=5)
     assert info.value.code == 404
+    info.value.close()
