@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= data
 
-.PHONY: run test typecheck install clean
+.PHONY: run test typecheck install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,20 @@ test: typecheck
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+## make bench: the full bench suite (results under bench/results/)
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --full
+
+## make bench-quick: a ~30-second run ending with the one-line summary a release check reads
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache
