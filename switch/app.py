@@ -126,6 +126,7 @@ async def run_switch(
 
         async with anyio.create_task_group() as tg:
             await tg.start(store.run_writer)
+            await tg.start(store.run_probe)
             await network.start(tg, list(cfg.issuers))
             await tg.start(saf.run)  # delivers what a previous run left queued, too
             await tg.start(outbox.run)
@@ -286,7 +287,7 @@ def run(coro_fn: Callable[[], object]) -> None:
     anyio.run(coro_fn, backend="asyncio", backend_options=options)  # type: ignore[arg-type]
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    from switch.logs import configure_logging as setup
+
+    setup(level, fmt)

@@ -20,8 +20,9 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--issuer-timeout", type=float, default=2.0)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
     a = p.parse_args(argv)
-    configure_logging(a.log_level)
+    configure_logging(a.log_level, a.log_format)
     try:
         run(lambda: run_demo(a.data_dir, host=a.host, port=a.port, metrics_port=a.metrics_port,
                              issuer_timeout=a.issuer_timeout))
@@ -46,7 +47,7 @@ def _serve(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"switch serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(cfg.log_level.upper())
+    configure_logging(cfg.log_level.upper(), cfg.log_format)
     try:
         run(lambda: run_serve(a.config))
     except (MasterKeyError, ConfigError, StoreError) as exc:

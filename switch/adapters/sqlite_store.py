@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import anyio
+import anyio.abc
 
 from switch.crypto.keystore import MasterKey
 from switch.domain.model import Merchant, Terminal
@@ -203,6 +204,7 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._commit_lock = threading.Lock()
+        self._probe_ok = True
         self._queue: list[_Pending] = []
         self._wakeup = anyio.Event()
         self._closing = False
@@ -297,10 +299,33 @@ class SqliteStore:
         return key
 
     def writable(self) -> bool:
-        """For /readyz: the database file can take a write (checked without blocking writers)."""
-        if self._db is None or self._closing:
+        """For /readyz: the last write probe (``run_probe``) committed, and the files look writable."""
+        if self._db is None or self._closing or not self._probe_ok:
             return False
         return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+
+    async def run_probe(
+        self, interval: float = 2.0, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write a heartbeat row through the group-committing writer every ``interval`` seconds;
+        readiness follows whether it commits (a read-only disk, a full disk, an immutable file)."""
+        task_status.started()
+        while True:
+            try:
+                stamp = str(time.time())
+
+                def op(db: sqlite3.Connection) -> None:
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('heartbeat', ?)", (stamp,))
+
+                await self.write(op)
+                if not self._probe_ok:
+                    log.warning("store writable again")
+                self._probe_ok = True
+            except StoreError:
+                if self._probe_ok:
+                    log.error("store not writable: not ready")
+                self._probe_ok = False
+            await anyio.sleep(interval)
 
     # ---- sync reads (start-up, tests, CLI) ------------------------------------------------
     def is_empty(self) -> bool:

@@ -259,11 +259,17 @@ class TransactionManager:
         seconds = time.perf_counter() - ctx.started
         txn_label = ctx.txn.name if ctx.txn else "unknown"
         state.metrics.request_completed(txn_label, rc.value, seconds)
+        event = {
+            "event": "transaction", "txn": txn_label, "tid": req.tid, "mid": req.mid, "mti": req.mti,
+            "stan": req.stan, "rc": rc.value, "pan": mask_pan(ctx.pan) if ctx.pan else None,
+            "amount_fen": ctx.amount_fen, "fee_fen": ctx.fee_fen, "issuer": ctx.issuer, "rrn": ctx.rrn,
+            "auth_code": ctx.auth_code, "ms": round(seconds * 1000, 3), "note": ctx.note,
+        }
         log.info(
             "txn=%s tid=%s stan=%s rc=%s pan=%s amount_fen=%s issuer=%s rrn=%s ms=%.2f%s",
-            txn_label, req.tid, req.stan, rc.value, mask_pan(ctx.pan) if ctx.pan else "-",
-            ctx.amount_fen, ctx.issuer or "-", ctx.rrn or "-", seconds * 1000,
-            f" note={ctx.note}" if ctx.note else "",
+            txn_label, req.tid, req.stan, rc.value, event["pan"] or "-", ctx.amount_fen, ctx.issuer or "-",
+            ctx.rrn or "-", seconds * 1000, f" note={ctx.note}" if ctx.note else "",
+            extra={"event": event},
         )
         return data
 
