@@ -110,6 +110,11 @@ async def run_switch(
         state.limits.load(store)
         saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf
+        # requests that reached an issuer without their outcome reaching the journal (a crash):
+        # reverse them before serving again
+        store.db.execute("BEGIN IMMEDIATE")
+        saf.op_promote_intents()(store.db)
+        store.db.execute("COMMIT")
         outbox = WebhookOutbox(store)
         outbox.refresh()
         state.outbox = outbox

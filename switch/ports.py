@@ -35,6 +35,10 @@ class IssuerLink(Protocol):
         """True once the link is up (False after ``timeout`` seconds)."""
         ...
 
+    def stamp(self, fields: Fields) -> None:
+        """Assign F11 and F7 now, as ``send`` would, without sending."""
+        ...
+
     async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
         """Send a request and wait for the reply matched by F11 (not by order).
 

@@ -233,6 +233,11 @@ class TcpIssuerLink:
         waiter.done.set()
 
     # ---- requests -------------------------------------------------------------------------
+    def stamp(self, fields: Fields) -> None:
+        """Assign F11 and F7 now (before sending), so the caller can record how to reverse the
+        request before it leaves (write-ahead, crash safety)."""
+        _stamp(fields, self._stans, self._pending)
+
     async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
         """See ``switch.ports.IssuerLink.send``. F11/F7 are written into ``fields``."""
         started = time.perf_counter()
@@ -318,6 +323,9 @@ class InMemoryIssuerLink:
 
     async def wait_up(self, timeout: float) -> bool:
         return self.up
+
+    def stamp(self, fields: Fields) -> None:
+        _stamp(fields, self._stans, {})
 
     async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
         if not self.up:

@@ -32,7 +32,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -123,6 +123,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX outbox_pending ON outbox(state, next_attempt);
     CREATE INDEX journal_mid_date ON journal(mid, business_date);
     INSERT OR IGNORE INTO meta(key, value) VALUES('change_seq', '0');
+    """,
+    # v4: write-ahead intents — how to reverse an issuer request, durable before it is sent
+    """
+    CREATE TABLE intents (
+        key TEXT PRIMARY KEY, issuer TEXT NOT NULL, fields BLOB NOT NULL, created_at REAL NOT NULL
+    );
     """,
 ]
 

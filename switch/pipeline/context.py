@@ -129,6 +129,7 @@ class Context:
     legs: list[dict[str, Any]] = field(default_factory=list)  # transfer issuer legs
     # monthly limit (§13): headroom reserved by this request, and committed usage changes of
     # earlier rows (voids, reversals), both applied once the journal row is durable
+    intents: list[str] = field(default_factory=list)  # write-ahead reversal intents (saf.py)
     limit_reservation: tuple[str, str, int] | None = None
     limit_deltas: list[tuple[str, str, int]] = field(default_factory=list)
 

@@ -9,6 +9,7 @@ answer ever arriving.
 from __future__ import annotations
 
 import time
+import uuid
 
 from switch.core.codec import Fields
 from switch.domain.codes import ResultCode
@@ -101,6 +102,15 @@ async def call(
     if link is None or not link.is_up:
         ctx.decline(ResultCode.ISSUER_UNAVAILABLE, f"issuer {issuer} link down")
         return None
+    if reverse_on_timeout and state.saf is not None and state.store is not None:
+        # write-ahead: how to reverse this request is durable before it leaves (see saf.py)
+        link.stamp(fields)
+        key = uuid.uuid4().hex
+        await state.store.write(
+            state.saf.op_intent(key, issuer, reversal_fields(state, mti, fields, pan or ctx.pan or ""))
+        )
+        ctx.intents.append(key)
+        ctx.store_ops.append(state.saf.op_clear_intent(key))
     t0 = time.perf_counter()
     try:
         _, reply = await link.send(mti, fields, state.settings.issuer_timeout)

@@ -116,6 +116,10 @@ class TransactionManager:
                 ctx.note = "internal error"
                 ctx.store_ops.clear()
                 ctx.after_commit.clear()
+                if ctx.intents and state.saf is not None:
+                    # whatever reached an issuer is reversed: the terminal gets 96
+                    ctx.store_ops.append(state.saf.op_promote_intents(list(ctx.intents)))
+                    ctx.after_commit.append(state.saf.wake)
             if ctx.resend is not None:
                 await self._journal(ctx, ResultCode(self._resent_code(ctx.resend)))
                 data = ctx.resend

@@ -88,6 +88,49 @@ class StoreAndForward:
     def wake(self) -> None:
         self._wake.set()
 
+    # ---- write-ahead intents (crash safety) -----------------------------------------------
+    # Before a reversible request leaves for the issuer, how to reverse it is made durable. The
+    # request's journal commit deletes the intent. An intent still there means the switch died (or
+    # failed) between sending and recording the outcome: the terminal never saw an answer, so the
+    # request is reversed through the queue.
+    def op_intent(self, key: str, issuer: str, reversal: Fields) -> Op:
+        blob = self.store.master_key.wrap(encode_fields(reversal), f"saf:{issuer}")
+        now = self.clock()
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO intents (key, issuer, fields, created_at) VALUES (?,?,?,?)",
+                       (key, issuer, blob, now))
+
+        return op
+
+    @staticmethod
+    def op_clear_intent(key: str) -> Op:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM intents WHERE key = ?", (key,))
+
+        return op
+
+    def op_promote_intents(self, keys: list[str] | None = None) -> Op:
+        """Turn intents (all, or these) into queued reversals."""
+        now = self.clock()
+
+        def op(db: sqlite3.Connection) -> None:
+            where, params = ("", ()) if keys is None else (
+                f" WHERE key IN ({','.join('?' for _ in keys)})", tuple(keys))
+            rows = db.execute(f"SELECT key, issuer, fields FROM intents{where}", params).fetchall()
+            for key, issuer, blob in rows:
+                db.execute(
+                    "INSERT INTO saf_queue (issuer, kind, mti, fields, journal_id, created_at, next_attempt)"
+                    " VALUES (?, 'reversal', '0400', ?, NULL, ?, ?)",
+                    (issuer, blob, now, now),
+                )
+                db.execute("DELETE FROM intents WHERE key = ?", (key,))
+            if rows:
+                log.warning("store-and-forward: %d request(s) without a recorded outcome queued for reversal",
+                            len(rows))
+
+        return op
+
     # ---- delivery -------------------------------------------------------------------------
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The worker: delivers what is due, sleeps until the next due message or a wake-up."""
