@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 
 from switch import demo_fixture
+from switch.adapters.admin_api import serve_admin
 from switch.adapters.http_endpoint import serve_http
 from switch.adapters.prometheus import PrometheusMetrics
 from switch.adapters.sqlite_store import SqliteStore
@@ -53,6 +54,7 @@ class AppConfig:
     max_frame: int = 2048
     drain_timeout: float = 10.0
     max_connections: int = 1000
+    admin_port: int | None = 9200  # None or no SWITCH_ADMIN_TOKEN: no admin API
     link_start_timeout: float = 10.0
     issuers: list[IssuerEndpoint] = field(default_factory=list)
     wait_for_links: tuple[str, ...] = ()  # links that must be up before the terminal port opens
@@ -65,6 +67,7 @@ class Running:
     store: SqliteStore
     metrics: PrometheusMetrics
     shutdown: Callable[[], None]
+    admin_port: int | None = None  # None: the admin API is off (no SWITCH_ADMIN_TOKEN)
 
 
 def load_master_key(data_dir: Path, create: bool) -> MasterKey:
@@ -137,6 +140,15 @@ async def run_switch(
             await tg.start(outbox.run)
             await tg.start(watch_changes, state)
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
+            admin_port: int | None = None
+            token = os.environ.get("SWITCH_ADMIN_TOKEN", "")
+            if cfg.admin_port is not None and token:
+                admin_port = await tg.start(
+                    lambda task_status: serve_admin(store, token, cfg.host, cfg.admin_port or 0,
+                                                    task_status=task_status)
+                )
+            elif cfg.admin_port is not None:
+                log.warning("admin API off: set SWITCH_ADMIN_TOKEN to enable it")
             for name in cfg.wait_for_links:
                 if not await links[name].wait_up(cfg.link_start_timeout):
                     log.warning("issuer link %s not up after %.0fs; opening anyway", name, cfg.link_start_timeout)
@@ -146,8 +158,9 @@ async def run_switch(
                     serving.start_soon(_on_signal, server)
                     if reload_issuers is not None:
                         tg.start_soon(_on_sighup, network, state, reload_issuers)
-                task_status.started(Running(port, metrics_port, store, metrics, server.shutdown))
-                log.info("switch ready: terminal port %s, metrics port %s", port, metrics_port)
+                task_status.started(Running(port, metrics_port, store, metrics, server.shutdown, admin_port))
+                log.info("switch ready: terminal port %s, metrics port %s, admin port %s",
+                         port, metrics_port, admin_port)
             # the server drained its connections; stop the rest (the writer flushes on the way out)
             tg.cancel_scope.cancel()
     finally:
@@ -183,6 +196,7 @@ def app_config(cfg: Config) -> AppConfig:
         metrics_port=cfg.metrics_port, issuer_timeout=cfg.issuer_timeout, idle_timeout=cfg.idle_timeout,
         read_timeout=cfg.read_timeout, max_frame=cfg.max_frame, drain_timeout=cfg.drain_timeout,
         max_connections=cfg.max_connections, issuers=endpoints_of(cfg),
+        admin_port=cfg.admin_port if cfg.admin_port else None,
     )
 
 
@@ -239,6 +253,7 @@ async def run_demo(
     host: str = "127.0.0.1",
     port: int = 5000,
     metrics_port: int = 9100,
+    admin_port: int | None = 9200,
     issuer_timeout: float = 2.0,
     handle_signals: bool = True,
     mocks: dict[str, Any] | None = None,
@@ -263,7 +278,7 @@ async def run_demo(
         ]
         cfg = AppConfig(
             data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
-            issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound),
+            issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound), admin_port=admin_port,
         )
 
         async def switch_then_stop(*, task_status: anyio.abc.TaskStatus[Running]) -> None:
@@ -273,9 +288,10 @@ async def run_demo(
 
         running = await tg.start(switch_then_stop)
         task_status.started(running)
+        admin = f", admin port {running.admin_port}" if running.admin_port is not None else ""
         print(
             f"switch ready: terminal port {running.port}, metrics port {running.metrics_port}, "
-            f"data {data_dir}",
+            f"data {data_dir}{admin}",
             flush=True,
         )
     # run_switch returned (drained): the issuers were cancelled with the group

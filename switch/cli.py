@@ -17,6 +17,7 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000, help="terminal port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=9100)
+    p.add_argument("--admin-port", type=int, default=9200, help="admin API (needs SWITCH_ADMIN_TOKEN)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--issuer-timeout", type=float, default=2.0)
     p.add_argument("--log-level", default="INFO")
@@ -25,7 +26,7 @@ def _demo(argv: list[str]) -> int:
     configure_logging(a.log_level, a.log_format)
     try:
         run(lambda: run_demo(a.data_dir, host=a.host, port=a.port, metrics_port=a.metrics_port,
-                             issuer_timeout=a.issuer_timeout))
+                             admin_port=a.admin_port, issuer_timeout=a.issuer_timeout))
     except KeyboardInterrupt:
         pass
     return 0
