@@ -1,0 +1,209 @@
+"""The bench orchestrator: ``make bench-quick`` (``--quick``) and ``make bench`` (``--full``).
+
+    python -m bench.run --quick | --full [--seconds S] [--terminals N] [--results-dir D]
+
+Runs every phase with the same generator (``bench.loadgen``, its own process) against:
+1. the plain loopback echo (``bench.echo_server --mode plain``): the loop + generator ceiling;
+2. the codec echo (``--mode codec``): the baseline every switch figure is divided by;
+3. the switch (``switch demo`` subprocess, fresh data directory, N terminals of M2 onboarded and
+   activated over TCP, see ``bench.harness``): closed loop, then open loop at 80 % of the
+   closed-loop TPS (``--full`` adds the realistic mix and an open-loop sweep over several rates,
+   and the codec echo at the same rates, for the plots).
+After every switch phase the books are checked (``bench.harness.check_books``): the generator's
+approvals equal the journal's per transaction type (count and fen), and each card's available
+balance at its mock issuer moved by exactly what those approvals imply.
+
+Writes ``<results-dir>/<timestamp>.json`` (every phase's generator output, books, headline),
+``<timestamp>-summary.md`` and the two plots, copies the summary to ``summary.md``, and ends by
+printing exactly one line: ``bench: tps=... baseline_tps=... ratio=... p99_ms=...``. Exits 1 when
+a books check failed (the line is still printed).
+
+Must not: assert on performance, leave a server process running, or print keys or full PANs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.harness import Books, ServerProcess, check_books, echo_process, onboard_terminals, switch_process
+from bench.report import final_line, plots, summary_markdown
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+STAN_SPAN = 20_000  # per terminal and phase; 49 phases fit in the 6-digit STAN
+BOOKS_RETRIES = 20  # re-read the books up to this many times, 0.25 s apart (a 98 reversal may lag)
+FULL_SWEEP = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.phases: list[dict[str, Any]] = []
+        self.stan_block = 0
+
+    def loadgen(self, name: str, port: int, *, mode: str, mix: str, rate: float = 0.0, dummy: bool = False,
+                terminals_file: Path | None = None) -> dict[str, Any]:
+        out = self.work / f"{len(self.phases):02d}-{name}.json"
+        argv = [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--terminals", str(self.args.terminals),
+                "--mode", mode, "--mix", mix, "--duration", str(self.args.seconds),
+                "--max-requests", str(self.args.max_requests), "--out", str(out), "--drain", "15"]
+        if mode == "open":
+            argv += ["--rate", f"{rate:.1f}"]
+        if dummy:
+            argv.append("--dummy-keys")
+        else:
+            assert terminals_file is not None
+            argv += ["--terminals-file", str(terminals_file), "--stan-base", str(1 + self.stan_block * STAN_SPAN),
+                     "--stan-span", str(STAN_SPAN)]
+            self.stan_block += 1
+        log(f"bench: {name}: {mode} loop, {mix}" + (f", {rate:.0f}/s" if mode == "open" else ""))
+        limit = self.args.seconds + 120
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
+        if done.returncode != 0:
+            raise RuntimeError(f"loadgen {name} failed:\n{done.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(out.read_text())
+        lat = result["latency_us"]
+        log(f"bench:   {result['tps']:.0f} TPS, p50 {lat['p50'] / 1000:.2f} ms, p99 {lat['p99'] / 1000:.2f} ms,"
+            f" lost {result['lost']}, generator CPU {result['generator_cpu'] * 100:.0f} %")
+        return result
+
+    def echo_phases(self, mode: str, phases: list[tuple[str, str, str, float]]) -> None:
+        server = echo_process(mode)
+        (port,) = server.start()
+        try:
+            for name, loop_mode, mix, rate in phases:
+                r = self.loadgen(name, port, mode=loop_mode, mix=mix, rate=rate, dummy=True)
+                self.phases.append({"name": name, "server": f"{mode}-echo", "result": r})
+        finally:
+            server.stop()
+
+    async def switch_phase(self, name: str, port: int, books: Books, tids: list[str], terminals_file: Path, *,
+                           mode: str, mix: str, rate: float = 0.0) -> dict[str, Any]:
+        before = await books.balances()
+        start_id = books.journal_max_id()
+        r = await anyio.to_thread.run_sync(
+            lambda: self.loadgen(name, port, mode=mode, mix=mix, rate=rate, terminals_file=terminals_file)
+        )
+        check: dict[str, Any] = {}
+        for _ in range(BOOKS_RETRIES):  # bounded: the journal and balances settle once reversals are done
+            journal = books.journal_approvals(start_id, tids)
+            after = await books.balances()
+            check = check_books(r, journal, before, after)
+            if check["ok"]:
+                break
+            await anyio.sleep(0.25)
+        if not check["ok"]:
+            log(f"bench:   BOOKS MISMATCH: {check['mismatches']}")
+        else:
+            log(f"bench:   books ok: {check['generator_approvals']} approvals = journal")
+        phase = {"name": name, "server": "switch", "result": r, "books": check}
+        self.phases.append(phase)
+        return phase
+
+    async def switch_phases(self) -> None:
+        data_dir = self.work / "data"
+        server = switch_process(data_dir)
+        port, _metrics = server.start()
+        try:
+            terms = await onboard_terminals(data_dir, port, self.args.terminals)
+            terminals_file = self.work / "terminals.json"  # test keys the demo issued; deleted with the work dir
+            terminals_file.write_text(json.dumps(terms))
+            tids = [t["tid"] for t in terms]
+            books = Books(data_dir, port)
+            closed = await self.switch_phase("switch-closed", port, books, tids, terminals_file,
+                                             mode="closed", mix="consume")
+            tps = float(closed["result"]["tps"])
+            await self.switch_phase("switch-open-80", port, books, tids, terminals_file, mode="open",
+                                    mix="consume", rate=max(1.0, 0.8 * tps))
+            if self.args.full:
+                await self.switch_phase("switch-closed-realistic", port, books, tids, terminals_file,
+                                        mode="closed", mix="realistic")
+                for f in FULL_SWEEP:
+                    if f == 0.8:
+                        continue
+                    await self.switch_phase(f"switch-open-{int(f * 100)}", port, books, tids, terminals_file,
+                                            mode="open", mix="consume", rate=max(1.0, f * tps))
+        finally:
+            code = server.stop()
+            if code not in (0, None):
+                log(f"bench: switch exited {code}:\n" + "".join(server.output[-20:]))
+
+
+def headline(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {p["name"]: p["result"] for p in phases}
+    tps = float(by["switch-closed"]["tps"])
+    base = float(by["codec-echo-closed"]["tps"])
+    open80 = by["switch-open-80"]
+    return {"tps": tps, "baseline_tps": base, "ratio": tps / base if base else 0.0,
+            "plain_tps": float(by["plain-echo-closed"]["tps"]),
+            "p99_ms": open80["latency_us"]["p99"] / 1000, "open_rate": float(open80["offered_rate"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description="The bench suite (see module doc).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--quick", action="store_true", help="~30 s: one phase of each kind")
+    g.add_argument("--full", action="store_true", help="longer phases, realistic mix, open-loop sweep, plots")
+    p.add_argument("--seconds", type=float, help="per phase (quick 5, full 10)")
+    p.add_argument("--terminals", type=int, default=64)
+    p.add_argument("--max-requests", type=int, default=2_000_000)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    args.seconds = args.seconds or (10.0 if args.full else 5.0)
+    started = datetime.now(timezone.utc)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="switch-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        bench.echo_phases("plain", [("plain-echo-closed", "closed", "consume", 0.0)])
+        bench.echo_phases("codec", [("codec-echo-closed", "closed", "consume", 0.0)])
+        anyio.run(bench.switch_phases)
+        if args.full:
+            tps = float(next(p["result"]["tps"] for p in bench.phases if p["name"] == "switch-closed"))
+            bench.echo_phases("codec", [("codec-echo-closed-realistic", "closed", "realistic", 0.0)] + [
+                (f"codec-echo-open-{int(f * 100)}", "open", "consume", max(1.0, f * tps))
+                for f in sorted(set(FULL_SWEEP) | {0.8})
+            ])
+    results: dict[str, Any] = {
+        "started": stamp,
+        "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "host": f"{platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()})",
+        "terminals": args.terminals,
+        "seconds_per_phase": args.seconds,
+        "wall_s": time.monotonic() - t_start,
+        "phases": bench.phases,
+        "headline": headline(bench.phases),
+    }
+    books_ok = all(p["books"]["ok"] for p in bench.phases if "books" in p)
+    results["books_ok"] = books_ok
+    (args.results_dir / f"{stamp}.json").write_text(json.dumps(results, indent=1))
+    summary = summary_markdown(results)
+    (args.results_dir / f"{stamp}-summary.md").write_text(summary)
+    (args.results_dir / "summary.md").write_text(summary)
+    for path in plots(results, args.results_dir, stamp):
+        log(f"bench: wrote {path}")
+    log(f"bench: wrote {args.results_dir / (stamp + '.json')} and summary.md")
+    print(final_line(results), flush=True)
+    return 0 if books_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
