@@ -21,7 +21,7 @@ from switch.core.codec import CodecError
 from switch.core.framing import ENVELOPE_LEN, Frame, FrameReader, FramingError
 from switch.core.messages import ECHO_FIELDS, Malformed, Request, format_error_response, read_request
 
-from .mutations import BODY_START, CODEC, GOLDEN, golden, hostile_frames, mutated_golden, with_len
+from .mutations import BODY_START, CODEC, GOLDEN, Golden, golden, hostile_frames, mutated_golden, with_len
 
 FUZZ = settings(
     max_examples=600,
@@ -129,9 +129,9 @@ def test_decode_raises_only_codec_error_and_round_trips(frame: bytes) -> None:
 
 
 @pytest.mark.parametrize("g", GOLDEN, ids=[g.name for g in GOLDEN])
-def test_golden_frames_round_trip(g: object) -> None:
+def test_golden_frames_round_trip(g: Golden) -> None:
     """The mutations start from frames that do decode (guards the fuzz base itself)."""
-    frame = getattr(g, "frame")
+    frame = g.frame
     mti, fields = CODEC.decode(frame[BODY_START:])
     assert CODEC.encode(mti, fields) == frame[BODY_START:]
 
