@@ -52,7 +52,9 @@ class IssuerNetwork:
         for e in endpoints:
             await self._start_link(e)
 
-    async def _start_link(self, e: IssuerEndpoint) -> None:
+    async def _start_link(self, e: IssuerEndpoint, *, wait_up: float = 0.0) -> None:
+        """Start a link to ``e``; with ``wait_up``, give it that long to connect before it takes
+        over from a previous link of the same name (requests keep flowing on the old one meanwhile)."""
         assert self._tg is not None
         link = TcpIssuerLink(e.name, e.host, e.port, self.metrics)
         scope = anyio.CancelScope()
@@ -63,6 +65,9 @@ class IssuerNetwork:
 
         await self._tg.start(run)
         self._scopes[id(link)] = scope
+        if wait_up > 0 and not await link.wait_up(wait_up):
+            log.warning("issuer %s: new link to %s:%s not up after %.1fs; switching to it anyway",
+                        e.name, e.host, e.port, wait_up)
         self.links[e.name] = link
         self.endpoints[e.name] = e
 
@@ -74,6 +79,9 @@ class IssuerNetwork:
             return
 
         async def retire() -> None:
+            # requests that looked the link up just before the swap may not be pending yet: a
+            # grace period first, then until nothing waits on it (bounded)
+            await anyio.sleep(1.0)
             with anyio.move_on_after(self.issuer_timeout * 2 + 1):
                 while getattr(link, "_pending", None):
                     await anyio.sleep(0.05)
@@ -98,7 +106,7 @@ class IssuerNetwork:
                 self.endpoints[name] = e
                 continue
             previous = self.links.get(name)
-            await self._start_link(e)
+            await self._start_link(e, wait_up=min(self.issuer_timeout, 5.0) if previous is not None else 0.0)
             if previous is not None:
                 self._retire(previous)
                 log.info("issuer %s moved to %s:%s", name, e.host, e.port)

@@ -130,7 +130,9 @@ class Codec:
         try:
             doc, _ = iso8583.decode(body, self._spec)
         except DecodeError as exc:
-            partial = self._typed_partial(exc.doc_dec)
+            # the field that failed may sit in doc_dec half-decoded (e.g. with its pad nibble):
+            # never report it as cleanly decoded
+            partial = self._typed_partial({k: v for k, v in exc.doc_dec.items() if k != exc.field})
             mti = exc.doc_dec.get("t") or None
             raise CodecError(exc.msg, exc.field, exc.pos, partial, mti) from None
         except KeyError as exc:

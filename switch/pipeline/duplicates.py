@@ -13,6 +13,7 @@ import hashlib
 
 import anyio
 
+from switch.core.framing import ENVELOPE_LEN, TPDU_LEN, response_header
 from switch.crypto.working_keys import KeyCheckError, parse_f62
 from switch.domain.codes import ResultCode
 from switch.pipeline.context import Context, InFlight, SwitchState
@@ -81,7 +82,12 @@ def _clash(state: SwitchState, ctx: Context) -> None:
 
 
 def _resend(state: SwitchState, ctx: Context, response: bytes, key: str) -> None:
+    """The stored answer again (§11), framed for this copy: its TPDU and header are echoed as
+    §2 requires (a copy may come by another route), with the stored header digit 6."""
     state.metrics.duplicate("resent")
+    frame = ctx.request.frame
+    digit6 = response[2 + TPDU_LEN + 2] & 0x0F
+    response = response[:2] + frame.tpdu + response_header(frame.header, digit6) + response[2 + ENVELOPE_LEN:]
     ctx.resend = response
     ctx.journal_state = "duplicate"
     ctx.note = "retransmission answered from the journal"

@@ -111,6 +111,8 @@ async def call(
         )
         ctx.intents.append(key)
         ctx.store_ops.append(state.saf.op_clear_intent(key))
+        # a reload may have replaced the issuer's link while the intent was written
+        link = state.links.get(issuer) or link
     t0 = time.perf_counter()
     try:
         _, reply = await link.send(mti, fields, state.settings.issuer_timeout)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import anyio
 import anyio.abc
 
+from switch.adapters.sqlite_store import StoreError
 from switch.core.codec import Fields
 from switch.ports import IssuerLink, IssuerTimeout, IssuerUnavailable, Metrics
 
@@ -170,6 +171,11 @@ class StoreAndForward:
             self._busy.add(row["id"])
             try:
                 await self._attempt(issuer, row)
+            except StoreError:
+                # the outcome could not be recorded (the store is closing or failing): the row is
+                # still pending and will be attempted again, an issuer takes repeats idempotently
+                log.warning("store-and-forward: could not record the attempt of #%s; will retry", row["id"])
+                return
             finally:
                 self._busy.discard(row["id"])
 

@@ -10,12 +10,8 @@ same store. Afterwards:
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,44 +23,13 @@ from switch.app import load_master_key, seed_demo
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient, TerminalError
 
+from procs import free_port, reap, spawn, wait_port
+
 pytestmark = [pytest.mark.anyio, pytest.mark.crash]
 
 CARD = "6222029375642931684"  # ICBC, 1,000,000.00
 START_FEN = 100_000_000
 TIDS = ("10000001", "10000002", "20000001")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def spawn(*args: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "SWITCH_MASTER_KEY"}
-    return subprocess.Popen([sys.executable, "-m", "switch.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def reap(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if p.poll() is None:
-        p.send_signal(sig)
-    try:
-        p.wait(20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(10)
 
 
 def db_rows(data: Path, sql: str, params: tuple = ()) -> list[tuple]:

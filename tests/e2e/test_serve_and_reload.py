@@ -5,12 +5,8 @@ the running configuration."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -21,26 +17,11 @@ from switch.app import load_master_key, seed_demo
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient
 
+from procs import free_port, reap, spawn, wait_port
+
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 CARD = "6222029375642931684"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def config(path: Path, data: Path, port: int, metrics: int, icbc: int) -> None:
@@ -65,26 +46,6 @@ prefixes = ["622202"]
     )
 
 
-def spawn(*args: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "SWITCH_MASTER_KEY"}
-    return subprocess.Popen([sys.executable, "-m", "switch.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def stop(p: subprocess.Popen[bytes]) -> bytes:
-    if p.poll() is None:
-        p.terminate()
-    try:
-        p.wait(20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(10)
-    assert p.stderr is not None
-    err = p.stderr.read()
-    p.stderr.close()
-    return err
-
-
 def seed(data: Path) -> None:
     store = SqliteStore(data / "switch.db", load_master_key(data, create=True))
     store.open()
@@ -99,9 +60,9 @@ async def test_serve_refuses_to_start_without_its_master_key(tmp_path: Path) -> 
     (tmp_path / "master.key").chmod(0o644)  # group/world readable: refused
     cfg = tmp_path / "switch.toml"
     config(cfg, tmp_path, free_port(), free_port(), free_port())
-    p = spawn("serve", "--config", str(cfg))
+    p = spawn("serve", "--config", str(cfg), stderr=subprocess.PIPE)
     assert p.wait(30) == 2
-    assert b"master" in stop(p).lower()
+    assert b"master" in reap(p).lower()
 
 
 async def test_sighup_moves_an_issuer_under_load(tmp_path: Path) -> None:
@@ -109,11 +70,11 @@ async def test_sighup_moves_an_issuer_under_load(tmp_path: Path) -> None:
     port, metrics, icbc1, icbc2 = free_port(), free_port(), free_port(), free_port()
     cfg = tmp_path / "switch.toml"
     config(cfg, tmp_path, port, metrics, icbc1)
-    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc1)),
-             spawn("issuer", "--name", "ICBC", "--port", str(icbc2))]
+    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc1), stderr=subprocess.PIPE),
+             spawn("issuer", "--name", "ICBC", "--port", str(icbc2), stderr=subprocess.PIPE)]
     wait_port(icbc1)
     wait_port(icbc2)
-    procs.append(spawn("serve", "--config", str(cfg)))
+    procs.append(spawn("serve", "--config", str(cfg), stderr=subprocess.PIPE))
     serve = procs[-1]
     try:
         wait_port(port)
@@ -139,13 +100,14 @@ async def test_sighup_moves_an_issuer_under_load(tmp_path: Path) -> None:
                 cfg.write_text("[switch]\nport = \"broken\"\n", encoding="utf-8")
                 serve.send_signal(signal.SIGHUP)
             after = await term.balance(CARD, pin="123456", expiry="3012")
-        assert codes == ["00"] * 60  # nothing dropped while the issuer moved
+        notes = [r[0] for r in __import__("sqlite3").connect(str(tmp_path / "switch.db")).execute("SELECT note FROM journal WHERE response_code != '00'")]
+        assert codes == ["00"] * 60, (sorted(set(codes)), notes)  # nothing dropped while the issuer moved
         assert after.code == "00"
         # the second issuer process has its own books: after the move, the balance comes from it
         moved = 100_000_000 - int(str(after.fields[54])[8:])
         assert moved < 100_000_000 - int(str(before.fields[54])[8:]) + 60
         assert serve.poll() is None
     finally:
-        errs = [stop(p) for p in reversed(procs)]
+        errs = [reap(p) for p in reversed(procs)]
     log = errs[0].decode()
     assert "reloaded" in log and "not reloaded" in log

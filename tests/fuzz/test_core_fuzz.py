@@ -36,14 +36,6 @@ MAX_FRAME = 2048
 # in an odd-length n/z field, CodecError.partial holds that field with its pad nibble counted as a
 # digit (an even digit count). The properties below skip exactly that case so they keep guarding
 # the rest; the xfail tests pin it.
-def known_pad_bug(exc: CodecError) -> bool:
-    if not exc.field.isdigit() or int(exc.field) not in exc.partial:
-        return False
-    spec = CODEC.dialect.fields[exc.field]
-    value = exc.partial[int(exc.field)]
-    return spec.get("len_count") == "nibbles" and isinstance(value, str) and len(value) % 2 == 0
-
-
 # Shrunk inputs of that bug, found by these properties: F60 of 11 digits whose pad nibble is 5
 # (a 30 would echo 12 digits), and F60 of 17 digits whose pad nibble is 5 (the 30 cannot be encoded).
 F60_BAD_PAD_11 = bytes.fromhex(
@@ -121,7 +113,7 @@ def test_decode_raises_only_codec_error_and_round_trips(frame: bytes) -> None:
     except CodecError as exc:
         assert isinstance(exc.field, str) and isinstance(exc.partial, dict)
         extra = exc.reason.startswith("Extra data after last field")  # that field did decode
-        if not known_pad_bug(exc) and not extra and exc.field.isdigit():
+        if not extra and exc.field.isdigit():
             assert int(exc.field) not in exc.partial, "partial holds the field that failed"
         return
     assert len(mti) == 4 and mti.isdigit()
@@ -156,11 +148,6 @@ def test_read_request_never_raises_and_a_30_echoes_f11_f41(frame: bytes) -> None
         return
     if parsed.close:
         return
-    try:
-        CODEC.decode(parsed_frame.body)
-    except CodecError as exc:
-        if known_pad_bug(exc):
-            return  # pinned by the xfail tests below
     out = format_error_response(CODEC, parsed)
     assert int.from_bytes(out[:2], "big") == len(out) - 2
     assert out[2:7] == parsed_frame.tpdu
@@ -175,7 +162,6 @@ def test_read_request_never_raises_and_a_30_echoes_f11_f41(frame: bytes) -> None
 
 
 # ---- the bug the properties found -------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="codec._typed_partial keeps the field whose pad nibble failed")
 def test_partial_never_holds_the_field_that_failed() -> None:
     """switch/core/codec.py, Codec.decode -> _typed_partial: pyiso8583 leaves the raw hex of a field
     whose odd-length pad nibble is not 0 in doc_dec; it passes the digit check and lands in
@@ -186,7 +172,6 @@ def test_partial_never_holds_the_field_that_failed() -> None:
     assert 60 not in caught.value.partial
 
 
-@pytest.mark.xfail(strict=True, reason="a 30 for F60 of 17 digits with a bad pad nibble cannot be encoded")
 def test_30_for_a_bad_pad_in_a_full_length_f60() -> None:
     """read_request answers 30 (F11, F41 decoded), but format_error_response echoes F60 with 18
     digits (max 17) and raises CodecError; TransactionManager.handle raises and the server closes

@@ -21,6 +21,7 @@ import pytest
 
 from switch.adapters.issuer_link import InMemoryIssuerLink
 from switch.adapters.sqlite_store import SqliteStore
+from switch.ports import NullMetrics
 from switch.app import seed_demo
 from switch.core.codec import Codec, Fields, FieldValue, load_dialect
 from switch.core.framing import FrameReader
@@ -63,8 +64,8 @@ class Decoded:
 
 
 @dataclass
-class RecordingMetrics:
-    """A Metrics that keeps what it was told."""
+class RecordingMetrics(NullMetrics):
+    """A Metrics that keeps what it was told (the rest it ignores, as NullMetrics does)."""
 
     requests: list[tuple[str, str]] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)
@@ -78,41 +79,8 @@ class RecordingMetrics:
     def issuer_request(self, issuer: str, outcome: str, seconds: float) -> None:
         self.issuer.append((issuer, outcome))
 
-    def issuer_link_state(self, issuer: str, up: bool) -> None:
-        pass
-
-    def issuer_late_reply(self, issuer: str) -> None:
-        pass
-
-    def connection_opened(self) -> None:
-        pass
-
-    def connection_closed(self, reason: str) -> None:
-        pass
-
     def malformed_frame(self, reason: str) -> None:
         self.malformed.append(reason)
-
-    def saf_state(self, issuer: str, depth: int, oldest_age_seconds: float) -> None:
-        pass
-
-    def saf_attempt(self, issuer: str, outcome: str) -> None:
-        pass
-
-    def duplicate(self, outcome: str) -> None:
-        pass
-
-    def activation_failure(self, reason: str) -> None:
-        pass
-
-    def issuer_pending(self, issuer: str, pending: int) -> None:
-        pass
-
-    def stage(self, stage: str, seconds: float) -> None:
-        pass
-
-    def limit_rejection(self) -> None:
-        pass
 
     def mac_failure(self) -> None:
         self.mac_failures += 1
