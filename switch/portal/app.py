@@ -231,6 +231,8 @@ class Portal:
         today = self.today()
         try:
             f = self._history_filter(request, session)
+        except data.NotFound:
+            return self.not_found(request, session)
         except data.FilterError as exc:
             default = data.HistoryFilter(today - timedelta(days=6), today)
             return self.render(request, "history.html", {
@@ -248,6 +250,8 @@ class Portal:
     async def history_csv(self, request: Request, session: Session) -> Response:
         try:
             f = self._history_filter(request, session)
+        except data.NotFound:
+            return self.not_found(request, session)
         except data.FilterError as exc:
             return Response(str(exc), status_code=400, media_type="text/plain; charset=utf-8")
         rows = data.history_rows(self.store, session.mid, f, data.CSV_MAX_ROWS)

@@ -5,6 +5,7 @@ the tests move (the lockout runs on it)."""
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -75,6 +76,14 @@ class Portal:
         values.update(fields)
         await self.store.write(self.store.op_journal(JournalEntry(**values)))
         return int(self.store.query("SELECT MAX(id) AS id FROM journal")[0]["id"])
+
+    async def sql(self, statement: str, params: tuple[Any, ...] = ()) -> None:
+        """Commit one SQL statement through the writer (the writer owns the write connection)."""
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(statement, params)
+
+        await self.store.write(op)
 
     async def _next_stan(self) -> int:
         return int(self.store.query("SELECT COUNT(*) AS n FROM journal")[0]["n"]) + 1
