@@ -7,8 +7,10 @@ original, reversals by F90 or RRN, idempotent repeats 0401/0221), the record of 
 test can count (``effects``, ``applied(kind)``), and its test knobs: ``behaviour`` (``normal``,
 ``silent``: reads and never answers, no effect; ``blackhole``: applies the effect and never
 answers), a per-PAN delay and a per-PAN gate (answers held until released; both let a test make
-replies come out of order). The rules live in the pure, synchronous ``handle`` so the TCP server
-and ``switch.adapters.issuer_link.InMemoryIssuerLink`` share them.
+replies come out of order), and ``faults`` (``switch.issuers.faults.IssuerFaults``: delay, drop,
+disconnect mid-message, garbage, duplicate, reorder) applied on the reply path. The rules live in
+the pure, synchronous ``handle`` so the TCP server and
+``switch.adapters.issuer_link.InMemoryIssuerLink`` share them.
 
 It must not be imported by the switch's own request path, must not log a PAN, PIN or PIN block
 (``effects`` keep masked PANs only), and checks PINs only through ``switch.crypto.pin.pin_matches``.
@@ -42,6 +44,7 @@ from switch.core.codec import Codec, CodecError, Fields
 from switch.crypto.pin import PinBlockError, pin_matches
 from switch.domain.cards import mask_pan
 from switch.issuers.cards import WALLET_LIMIT_FEN, Behaviour, Card, DemoIssuer
+from switch.issuers.faults import IssuerFaults, ReplyChannel
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,7 @@ def _pan_and_expiry(fields: Fields) -> tuple[str | None, str | None]:
 def _is_expired(expiry: str, now: datetime) -> bool:
     if len(expiry) != 4 or not expiry.isdigit() or not 1 <= int(expiry[2:]) <= 12:
         return True
-    return expiry < now.strftime("%y%m")
+    return expiry < f"{now.year % 100:02d}{now.month:02d}"
 
 
 def _amount(fields: Fields) -> int | None:
@@ -207,6 +210,7 @@ class MockIssuer:
         self.delay_by_pan: dict[str, float] = {}
         self._gates: dict[str, anyio.Event] = {}
         self.frames_received = 0
+        self.faults = IssuerFaults()  # runtime-settable reply-path faults (specs/issuer.md)
         self._rules: dict[str, Rule] = {
             "consume": self._consume,
             "completion_advice": self._completion_advice,
@@ -542,7 +546,9 @@ class MockIssuer:
 
     @staticmethod
     def _auth_code() -> str:
-        return "".join(secrets.choice(AUTH_CODE_ALPHABET) for _ in range(6))
+        # one urandom call per code, not one per character (a mock's codes need no more)
+        raw = secrets.token_bytes(6)
+        return "".join(AUTH_CODE_ALPHABET[b % len(AUTH_CODE_ALPHABET)] for b in raw)
 
     @staticmethod
     def _reply(mti: str, request: Fields, code: str, extra: Fields | None = None) -> Reply:
@@ -568,24 +574,25 @@ class MockIssuer:
         limit = max_frame(self._codec)
         async with stream, anyio.create_task_group() as tg:
             reader = BufferedByteReceiveStream(stream)
+            channel = self.faults.channel(stream, write_lock, limit, self.name)
             try:
                 while True:  # one iteration per frame; ends with the connection
                     body = await receive_frame(reader, limit)
                     self.frames_received += 1
-                    tg.start_soon(self._answer, body, stream, write_lock)
+                    tg.start_soon(self._answer, body, channel)
             except FrameTooLarge as exc:
                 log.warning("mock issuer %s: %s, closing", self.name, exc)
             except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,
                     anyio.ClosedResourceError, OSError):
                 pass
 
-    async def _answer(self, body: bytes, stream: anyio.abc.SocketStream, write_lock: anyio.Lock) -> None:
+    async def _answer(self, body: bytes, channel: ReplyChannel) -> None:
         try:
             mti, fields = self._codec.decode(body)
         except CodecError as exc:
             log.warning("mock issuer %s: undecodable request (%s)", self.name, exc)
             if exc.mti in REQUEST_MTIS and 11 in exc.partial and self.behaviour == "normal":
-                await self._write(stream, write_lock, self._reply(exc.mti, exc.partial, "30"))
+                await self._write(channel, self._reply(exc.mti, exc.partial, "30"))
             return
         pan, _ = _pan_and_expiry(fields)
         if pan is not None:
@@ -597,15 +604,11 @@ class MockIssuer:
                 await gate.wait()
         reply = self.handle(mti, fields)
         if reply is not None:
-            await self._write(stream, write_lock, reply)
+            await self._write(channel, reply)
 
-    async def _write(self, stream: anyio.abc.SocketStream, write_lock: anyio.Lock, reply: Reply) -> None:
-        data = frame(self._codec.encode(*reply))
-        try:
-            async with write_lock:
-                await stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            log.info("mock issuer %s: client gone before the reply", self.name)
+    async def _write(self, channel: ReplyChannel, reply: Reply) -> None:
+        """Frame the reply and send it through this issuer's faults (a gone client is ignored)."""
+        await channel.send_reply(frame(self._codec.encode(*reply)))
 
 
 
