@@ -136,10 +136,16 @@ class TerminalServer:
 
                     handlers.start_soon(watch_stop)
                     handlers.start_soon(watch_closing)
+                    # read_timeout runs from the first byte of a frame, not from the last chunk: a
+                    # client trickling a byte at a time is closed all the same (slowloris)
+                    frame_deadline = math.inf
                     try:
                         while True:
-                            timeout = s.read_timeout if reader.mid_frame else s.idle_timeout
-                            with anyio.move_on_after(timeout if timeout > 0 else math.inf) as t:
+                            if reader.mid_frame:
+                                timeout = frame_deadline - anyio.current_time()
+                            else:
+                                timeout = s.idle_timeout if s.idle_timeout > 0 else math.inf
+                            with anyio.move_on_after(max(timeout, 0.0)) as t:
                                 chunk = await stream.receive(65536)
                             if t.cancelled_caught:
                                 if reader.mid_frame:
@@ -147,11 +153,16 @@ class TerminalServer:
                                 if in_flight[0] == 0:  # not idle while answers are still due
                                     raise _Closed("idle_timeout")
                                 continue
+                            was_mid_frame = reader.mid_frame
                             reader.receive_data(chunk)
+                            completed = False
                             while (frame := reader.next_frame()) is not None:
+                                completed = True
                                 await slots.acquire()
                                 in_flight[0] += 1
                                 handlers.start_soon(respond, frame)
+                            if reader.mid_frame and (completed or not was_mid_frame):
+                                frame_deadline = anyio.current_time() + s.read_timeout  # a new frame began
                     except FramingError as exc:
                         reason = exc.reason
                         self.metrics.malformed_frame(exc.reason)

@@ -12,6 +12,8 @@ import anything that does I/O (sockets, anyio) or anything from ``switch.pipelin
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
@@ -60,18 +62,39 @@ def _check_data(data: bytes) -> None:
         raise ValueError(f"DES data must be a multiple of 8 bytes, got {len(data)}")
 
 
+# ECB keeps no state between blocks, so one encryptor/decryptor context per key can serve every
+# block-aligned call (update() returns all full blocks at once). Creating a context costs more than
+# a DES operation; the most recently used keys keep theirs (keys already live in process memory).
+_CONTEXT_CACHE_SIZE = 4096
+_contexts: OrderedDict[tuple[bytes, bool], Any] = OrderedDict()
+
+
+def _context(key: bytes, encrypt: bool) -> Any:
+    slot = (key, encrypt)
+    ctx = _contexts.get(slot)
+    if ctx is None:
+        cipher = Cipher(TripleDES(_expand(key)), modes.ECB())
+        ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+        _contexts[slot] = ctx
+        if len(_contexts) > _CONTEXT_CACHE_SIZE:
+            _contexts.popitem(last=False)
+    else:
+        _contexts.move_to_end(slot)
+    return ctx
+
+
 def des_ecb_encrypt(key: bytes, data: bytes) -> bytes:
     """ECB-encrypt ``data`` (multiple of 8 bytes) under an 8-byte (DES) or 16-byte (3DES) key."""
     _check_data(data)
-    enc = Cipher(TripleDES(_expand(key)), modes.ECB()).encryptor()
-    return enc.update(data) + enc.finalize()
+    _expand(key)  # validates the length
+    return bytes(_context(bytes(key), True).update(data))
 
 
 def des_ecb_decrypt(key: bytes, data: bytes) -> bytes:
     """ECB-decrypt ``data`` (multiple of 8 bytes) under an 8-byte (DES) or 16-byte (3DES) key."""
     _check_data(data)
-    dec = Cipher(TripleDES(_expand(key)), modes.ECB()).decryptor()
-    return dec.update(data) + dec.finalize()
+    _expand(key)
+    return bytes(_context(bytes(key), False).update(data))
 
 
 def check_value(key: bytes) -> bytes:

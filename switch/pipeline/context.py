@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -138,6 +139,17 @@ class Context:
         if note:
             self.note = note
 
-    @property
+    @cached_property
     def business_date(self) -> str:
-        return self.now.strftime("%Y%m%d")
+        """YYYYMMDD (Asia/Shanghai); with ``hhmmss`` and ``mmdd`` formatted once per request."""
+        n = self.now
+        return f"{n.year:04d}{n.month:02d}{n.day:02d}"
+
+    @cached_property
+    def hhmmss(self) -> str:
+        n = self.now
+        return f"{n.hour:02d}{n.minute:02d}{n.second:02d}"
+
+    @property
+    def mmdd(self) -> str:
+        return self.business_date[4:]

@@ -50,8 +50,8 @@ def request_fields(
         out[2] = pan
     if amount_fen is not None:
         out[4] = f"{amount_fen:012d}"
-    out[12] = ctx.now.strftime("%H%M%S")
-    out[13] = ctx.now.strftime("%m%d")
+    out[12] = ctx.hhmmss
+    out[13] = ctx.mmdd
     if ctx.expiry is not None:
         out[14] = ctx.expiry
     out[22] = str(ctx.request.fields.get(22, "000"))

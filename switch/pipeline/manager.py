@@ -185,7 +185,6 @@ class TransactionManager:
         req = ctx.request
         f = req.fields
         rc = ctx.rc or ResultCode.SYSTEM_ERROR
-        now = ctx.now
         mti = req.mti
         out: Fields = {39: rc.value}
         txn_name = ctx.txn.name if ctx.txn else None
@@ -199,8 +198,8 @@ class TransactionManager:
                 if k in f:
                     out[k] = f[k]
             if txn_name != "parameter_download":
-                out[12] = now.strftime("%H%M%S")
-                out[13] = now.strftime("%m%d")
+                out[12] = ctx.hhmmss
+                out[13] = ctx.mmdd
             if txn_name == "sign_on":
                 out[32] = self.state.settings.acquirer_id
                 out[37] = ctx.rrn or ""
@@ -214,18 +213,18 @@ class TransactionManager:
             return out
         if mti == "0500":  # 0510: 11, 12, 13, 15, 32, 37, 39, 41, 42, 48, 49, 60
             out.update({k: f[k] for k in (11, 41, 42, 49, 60) if k in f})
-            out[12] = now.strftime("%H%M%S")
-            out[13] = now.strftime("%m%d")
-            out[15] = now.strftime("%m%d")
+            out[12] = ctx.hhmmss
+            out[13] = ctx.mmdd
+            out[15] = ctx.mmdd
             out[32] = self.state.settings.acquirer_id
             out[37] = ctx.rrn or ""
             out[48] = ctx.resp.get(48, f.get(48, "0" * 62))
             return out
         # financial (0110, 0210, 0230, 0410)
         out.update(echo(f))
-        out[12] = now.strftime("%H%M%S")
-        out[13] = now.strftime("%m%d")
-        out[15] = now.strftime("%m%d")
+        out[12] = ctx.hhmmss
+        out[13] = ctx.mmdd
+        out[15] = ctx.mmdd
         out[32] = self.state.settings.acquirer_id
         out[37] = ctx.rrn or ""
         out[44] = (ctx.issuer or "").ljust(11) + self.state.settings.acquirer_id.ljust(11)

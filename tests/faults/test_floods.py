@@ -176,10 +176,6 @@ async def test_slowloris_is_closed_by_the_read_timeout_while_a_terminal_is_serve
         assert await wait_until(lambda: open_connections(running) == 0, EOF_BOUND)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "switch bug: TerminalServer applies read_timeout to each receive() instead of to the frame, so "
-    "a slowloris sending one byte faster than read_timeout holds a connection (and a "
-    "max_connections slot) until it finishes its announced frame: up to max_frame x gap seconds"))
 async def test_slowloris_trickling_faster_than_the_read_timeout_is_closed(tmp_path: Path) -> None:
     read_timeout = 1.0
     async with flood_switch(tmp_path, max_connections=50, idle_timeout=30.0, read_timeout=read_timeout) as running:
