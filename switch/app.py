@@ -30,7 +30,7 @@ from switch.adapters.terminal_server import ServerSettings, TerminalServer
 from switch.adapters.webhooks import WebhookOutbox
 from switch.core.codec import Codec, load_dialect
 from switch.config import Config, load_config
-from switch.crypto.keystore import MasterKey
+from switch.crypto.keystore import KeyWrapper, MasterKey, MasterKeyring
 from switch.domain.model import Merchant, Terminal
 from switch.pipeline.context import Settings, SwitchState
 from switch.network import IssuerEndpoint, IssuerNetwork, routing_tables
@@ -70,17 +70,21 @@ class Running:
     admin_port: int | None = None  # None: the admin API is off (no SWITCH_ADMIN_TOKEN)
 
 
-def load_master_key(data_dir: Path, create: bool) -> MasterKey:
+def load_master_key(data_dir: Path, create: bool) -> KeyWrapper:
+    """The master keyring: SWITCH_MASTER_KEY (+ SWITCH_MASTER_KEY_OLD) or ``data_dir/master.key``
+    (+ the ``master.key.old.<id>`` files a rotation leaves); ``create`` makes a first key file."""
     key_file = data_dir / "master.key"
-    if "SWITCH_MASTER_KEY" not in os.environ and not key_file.exists() and create:
+    if "SWITCH_MASTER_KEY" not in os.environ and not key_file.exists():
+        if not create:
+            return MasterKey.load(os.environ, None)  # raises the clear "no master key" error
         data_dir.mkdir(parents=True, exist_ok=True)
-        return MasterKey.create_file(key_file)
-    return MasterKey.load(os.environ, key_file if key_file.exists() else None)
+        MasterKey.create_file(key_file)
+    return MasterKeyring.load(os.environ, data_dir)
 
 
 async def run_switch(
     cfg: AppConfig,
-    master_key: MasterKey,
+    master_key: KeyWrapper,
     *,
     seed: Callable[[SqliteStore], None] | None = None,
     handle_signals: bool = True,

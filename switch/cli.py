@@ -100,6 +100,7 @@ COMMANDS: dict[str, str] = {
     "report": "switch.admin.report_cli:main",
     "payout": "switch.admin.payout_cli:main",
     "config": "switch.config_cli:main",
+    "keys": "switch.admin.keys_cli:main",
 }
 
 

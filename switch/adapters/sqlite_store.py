@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import anyio
 import anyio.abc
 
-from switch.crypto.keystore import MasterKey
+from switch.crypto.keystore import KeyWrapper
 from switch.domain.model import Merchant, Terminal
 from switch.ports import Metrics, NullMetrics
 
@@ -203,7 +203,7 @@ class _Pending:
 
 
 class SqliteStore:
-    def __init__(self, path: Path, master_key: MasterKey, metrics: Metrics | None = None) -> None:
+    def __init__(self, path: Path, master_key: KeyWrapper, metrics: Metrics | None = None) -> None:
         self.path = Path(path)
         self.master_key = master_key
         self.metrics: Metrics = metrics or NullMetrics()
@@ -287,7 +287,7 @@ class SqliteStore:
             self.db.execute(
                 "INSERT INTO meta(key, value) VALUES('master_key_id', ?)", (self.master_key.key_id,)
             )
-        elif row[0] != self.master_key.key_id:
+        elif row[0] != self.master_key.key_id and row[0] not in getattr(self.master_key, "key_ids", ()):
             raise StoreError(
                 f"the master key (id {self.master_key.key_id}) is not the one this store was written "
                 f"with (id {row[0]}): refusing to start"
@@ -303,6 +303,17 @@ class SqliteStore:
             (self.master_key.wrap(key, "pan-token-key").hex(),),
         )
         return key
+
+    def refresh_master_key(self) -> bool:
+        """After a rotation by ``switch keys rotate-master``: write new blobs under the key the
+        store now records (the keyring reloads its key files on demand)."""
+        use = getattr(self.master_key, "use_current", None)
+        rows = self.query("SELECT value FROM meta WHERE key='master_key_id'")
+        if use is None or not rows or rows[0]["value"] == self.master_key.key_id:
+            return False
+        use(rows[0]["value"])
+        log.info("master key rotated: new blobs are wrapped under %s", rows[0]["value"])
+        return True
 
     def writable(self) -> bool:
         """For /readyz: the last write probe (``run_probe``) committed, and the files look writable."""

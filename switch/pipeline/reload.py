@@ -60,6 +60,8 @@ async def watch_changes(state: SwitchState, *, task_status: anyio.abc.TaskStatus
         await anyio.sleep(POLL_SECONDS)
         try:
             seen = reload_changes(state, seen)
+            assert state.store is not None
+            state.store.refresh_master_key()
         except Exception:
             log.exception("reloading back-office changes failed; will retry")
 
