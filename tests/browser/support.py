@@ -202,7 +202,7 @@ def start_driver(work_dir: Path) -> WebDriver:
 
 
 def set_viewport(driver: WebDriver, height: int) -> None:
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {  # type: ignore[attr-defined]
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": PHONE_WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": True,
     })
 
@@ -223,8 +223,10 @@ class Browser:
         url = str(self.driver.current_url)
         return url[len(self.base_url):] if url.startswith(self.base_url) else url
 
-    def wait(self, condition: Callable[[WebDriver], T], message: str, timeout: float = WAIT) -> T:
-        result: T = WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(condition, message)
+    def wait(self, condition: Callable[[WebDriver], T | None], message: str, timeout: float = WAIT) -> T:
+        """``condition``'s first truthy value, polled every 0.1 s for at most ``timeout`` s."""
+        result = WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(condition, message)
+        assert result is not None  # until() returns only a truthy value
         return result
 
     def by_id(self, element_id: str) -> WebElement:
