@@ -104,7 +104,7 @@ class ServerProcess:
 
 def switch_process(data_dir: Path) -> ServerProcess:
     return ServerProcess(
-        [sys.executable, "-m", "switch.cli", "demo", "--port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "switch.cli", "demo", "--port", "0", "--metrics-port", "0", "--portal-port", "-1",
          "--data-dir", str(data_dir), "--log-level", "WARNING"],
         SWITCH_READY,
     )

@@ -55,6 +55,8 @@ class AppConfig:
     drain_timeout: float = 10.0
     max_connections: int = 1000
     admin_port: int | None = 9200  # None or no SWITCH_ADMIN_TOKEN: no admin API
+    portal_port: int | None = None  # the merchant portal (None: off)
+    portal_secure_cookies: bool = False
     link_start_timeout: float = 10.0
     issuers: list[IssuerEndpoint] = field(default_factory=list)
     wait_for_links: tuple[str, ...] = ()  # links that must be up before the terminal port opens
@@ -68,6 +70,7 @@ class Running:
     metrics: PrometheusMetrics
     shutdown: Callable[[], None]
     admin_port: int | None = None  # None: the admin API is off (no SWITCH_ADMIN_TOKEN)
+    portal_port: int | None = None
 
 
 def load_master_key(data_dir: Path, create: bool) -> KeyWrapper:
@@ -153,6 +156,15 @@ async def run_switch(
                 )
             elif cfg.admin_port is not None:
                 log.warning("admin API off: set SWITCH_ADMIN_TOKEN to enable it")
+            portal_port: int | None = None
+            if cfg.portal_port is not None:
+                from switch.portal.app import serve_portal
+
+                portal_port = await tg.start(
+                    lambda task_status: serve_portal(store, cfg.host, cfg.portal_port or 0,
+                                                     secure_cookies=cfg.portal_secure_cookies,
+                                                     task_status=task_status)
+                )
             for name in cfg.wait_for_links:
                 if not await links[name].wait_up(cfg.link_start_timeout):
                     log.warning("issuer link %s not up after %.0fs; opening anyway", name, cfg.link_start_timeout)
@@ -162,9 +174,11 @@ async def run_switch(
                     serving.start_soon(_on_signal, server)
                     if reload_issuers is not None:
                         tg.start_soon(_on_sighup, network, state, reload_issuers)
-                task_status.started(Running(port, metrics_port, store, metrics, server.shutdown, admin_port))
-                log.info("switch ready: terminal port %s, metrics port %s, admin port %s",
-                         port, metrics_port, admin_port)
+                task_status.started(
+                    Running(port, metrics_port, store, metrics, server.shutdown, admin_port, portal_port)
+                )
+                log.info("switch ready: terminal port %s, metrics port %s, admin port %s, portal port %s",
+                         port, metrics_port, admin_port, portal_port)
             # the server drained its connections; stop the rest (the writer flushes on the way out)
             tg.cancel_scope.cancel()
     finally:
@@ -201,6 +215,8 @@ def app_config(cfg: Config) -> AppConfig:
         read_timeout=cfg.read_timeout, max_frame=cfg.max_frame, drain_timeout=cfg.drain_timeout,
         max_connections=cfg.max_connections, issuers=endpoints_of(cfg),
         admin_port=cfg.admin_port if cfg.admin_port else None,
+        portal_port=cfg.portal_port if cfg.portal_port else None,
+        portal_secure_cookies=cfg.portal_secure_cookies,
     )
 
 
@@ -258,6 +274,7 @@ async def run_demo(
     port: int = 5000,
     metrics_port: int = 9100,
     admin_port: int | None = 9200,
+    portal_port: int | None = None,
     issuer_timeout: float = 2.0,
     handle_signals: bool = True,
     mocks: dict[str, Any] | None = None,
@@ -283,6 +300,7 @@ async def run_demo(
         cfg = AppConfig(
             data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
             issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound), admin_port=admin_port,
+            portal_port=portal_port,
         )
 
         async def switch_then_stop(*, task_status: anyio.abc.TaskStatus[Running]) -> None:
@@ -293,6 +311,14 @@ async def run_demo(
         running = await tg.start(switch_then_stop)
         task_status.started(running)
         admin = f", admin port {running.admin_port}" if running.admin_port is not None else ""
+        if running.portal_port is not None:
+            from switch.portal.demo import DEMO_PASSWORDS, seed_portal_accounts
+
+            await anyio.to_thread.run_sync(seed_portal_accounts, running.store)
+            admin += f", portal port {running.portal_port}"
+            for mid, password in DEMO_PASSWORDS.items():
+                print(f"merchant portal http://{host}:{running.portal_port}/  MID {mid}  password {password}",
+                      flush=True)
         print(
             f"switch ready: terminal port {running.port}, metrics port {running.metrics_port}, "
             f"data {data_dir}{admin}",

@@ -18,6 +18,7 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=5000, help="terminal port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=9100)
     p.add_argument("--admin-port", type=int, default=9200, help="admin API (needs SWITCH_ADMIN_TOKEN)")
+    p.add_argument("--portal-port", type=int, default=8080, help="merchant portal (-1: off)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--issuer-timeout", type=float, default=2.0)
     p.add_argument("--log-level", default="INFO")
@@ -26,7 +27,8 @@ def _demo(argv: list[str]) -> int:
     configure_logging(a.log_level, a.log_format)
     try:
         run(lambda: run_demo(a.data_dir, host=a.host, port=a.port, metrics_port=a.metrics_port,
-                             admin_port=a.admin_port, issuer_timeout=a.issuer_timeout))
+                             admin_port=a.admin_port, portal_port=None if a.portal_port < 0 else a.portal_port,
+                             issuer_timeout=a.issuer_timeout))
     except KeyboardInterrupt:
         pass
     return 0

@@ -7,6 +7,8 @@ host = "127.0.0.1"        # terminal, metrics and admin ports listen here
 port = 5000               # terminal port
 metrics_port = 9100       # /metrics /healthz /readyz
 admin_port = 9200         # admin API (bearer token from SWITCH_ADMIN_TOKEN); 0 = off
+portal_port = 8080        # merchant portal; 0 = off
+portal_secure_cookies = true   # Secure cookies (serve the portal behind TLS)
 data_dir = "data"         # SQLite store, master.key, payout files
 log_level = "INFO"
 log_format = "json"       # json | text
@@ -73,6 +75,8 @@ class Config:
     port: int = 5000
     metrics_port: int = 9100
     admin_port: int = 9200
+    portal_port: int = 0
+    portal_secure_cookies: bool = True
     data_dir: Path = Path("data")
     log_level: str = "INFO"
     log_format: str = "json"
@@ -100,6 +104,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "SWITCH_PORT": ("port", int),
     "SWITCH_METRICS_PORT": ("metrics_port", int),
     "SWITCH_ADMIN_PORT": ("admin_port", int),
+    "SWITCH_PORTAL_PORT": ("portal_port", int),
     "SWITCH_DATA_DIR": ("data_dir", Path),
     "SWITCH_LOG_LEVEL": ("log_level", str),
     "SWITCH_LOG_FORMAT": ("log_format", str),
@@ -116,7 +121,8 @@ _SECTIONS: dict[str, dict[str, tuple[str, type]]] = {
     "switch": {
         "host": ("host", str), "port": ("port", int), "metrics_port": ("metrics_port", int),
         "admin_port": ("admin_port", int), "data_dir": ("data_dir", Path), "log_level": ("log_level", str),
-        "log_format": ("log_format", str),
+        "log_format": ("log_format", str), "portal_port": ("portal_port", int),
+        "portal_secure_cookies": ("portal_secure_cookies", bool),
     },
     "store": {"dsn": ("store_dsn", str)},
     "timeouts": {
@@ -179,6 +185,14 @@ def _convert(where: str, value: Any, kind: type, *, from_env: bool = False) -> A
             if isinstance(value, bool) or (not from_env and not isinstance(value, (int, float))):
                 raise ValueError
             return float(value)
+        if kind is bool:
+            if from_env:
+                if str(value).lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                return str(value).lower() in ("1", "true", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
         if kind is Path:
             if not isinstance(value, str) or not value:
                 raise ValueError
@@ -188,7 +202,7 @@ def _convert(where: str, value: Any, kind: type, *, from_env: bool = False) -> A
         return value
     except (ValueError, InvalidOperation):
         expected = {Decimal: "an amount in yuan like \"300000.00\"", int: "a whole number",
-                    float: "a number of seconds", Path: "a path", str: "text"}[kind]
+                    float: "a number of seconds", Path: "a path", str: "text", bool: "true or false"}[kind]
         raise ConfigError(f"{where}: {value!r} is not {expected}") from None
 
 
@@ -221,7 +235,7 @@ def _issuer(index: int, item: Any) -> IssuerConfig:
 
 
 def _validate(cfg: Config) -> None:
-    for attr in ("port", "metrics_port", "admin_port"):
+    for attr in ("port", "metrics_port", "admin_port", "portal_port"):
         v = getattr(cfg, attr)
         if not 0 <= v <= 65535:
             raise ConfigError(f"{attr}: {v} is not a TCP port (0-65535)")

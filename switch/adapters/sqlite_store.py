@@ -32,7 +32,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -129,6 +129,18 @@ MIGRATIONS: list[str] = [
     CREATE TABLE intents (
         key TEXT PRIMARY KEY, issuer TEXT NOT NULL, fields BLOB NOT NULL, created_at REAL NOT NULL
     );
+    """,
+    # v5: the merchant portal's accounts (scrypt hashes) and sessions (hashed ids)
+    """
+    CREATE TABLE IF NOT EXISTS portal_accounts (
+        mid TEXT PRIMARY KEY REFERENCES merchants(mid), password_hash TEXT NOT NULL,
+        failed_count INTEGER NOT NULL DEFAULT 0, locked_until REAL, updated_at TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS portal_sessions (
+        id_hash TEXT PRIMARY KEY, mid TEXT NOT NULL, csrf TEXT NOT NULL, created REAL NOT NULL,
+        expires REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS portal_sessions_expires ON portal_sessions(expires);
     """,
 ]
 

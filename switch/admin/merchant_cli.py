@@ -177,6 +177,10 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["set-password"]:  # the merchant portal's login (switch/portal)
+        from switch.portal.password_cli import main as set_password_main
+
+        return set_password_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse: usage error (2) or --help (0)

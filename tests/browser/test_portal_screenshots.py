@@ -2,13 +2,16 @@
 a phone's width after real traffic: consumes over TCP (approved and declined), a webhook bound
 to a local receiver and a test event delivered to it.
 
-Always writes ``docs/portal-<page>.png`` (login, today, history, settlement, terminals, verify,
-notifications) and checks each one is a PNG of the phone's width showing the expected page.
+Writes ``docs/portal-<page>.png`` (login, today, history, settlement, terminals, verify,
+notifications) when SWITCH_SCREENSHOTS=1 (to refresh the README's pictures), otherwise into a
+temporary directory, and checks each one is a PNG of the phone's width showing the expected page.
 The notifications shot is taken after the secret's one-time page, so no secret is in a picture.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +28,11 @@ from tests.e2e.helpers import CMB_CARD, ICBC_CARD, ICBC_POOR
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = (
+    Path(__file__).resolve().parents[2] / "docs"
+    if os.environ.get("SWITCH_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="portal-shots-"))
+)
 MAX_PNG_BYTES = 1_000_000
 
 

@@ -22,7 +22,9 @@ from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient
 
 STAN_BLOCKS = itertools.count(1, 1000)  # each client gets its own block of trace numbers
-READY = re.compile(r"switch ready: terminal port (\d+), metrics port (\d+)(?:.*admin port (\d+))?")
+READY = re.compile(
+    r"switch ready: terminal port (\d+), metrics port (\d+)(?:.*admin port (\d+))?(?:.*portal port (\d+))?"
+)
 ADMIN_TOKEN = "e2e-admin-token-0123456789"
 
 
@@ -33,6 +35,7 @@ class DemoSwitch:
     port: int = 0
     metrics_port: int = 0
     admin_port: int = 0
+    portal_port: int = 0
     output: list[str] = field(default_factory=list)
     _pump: threading.Thread = field(default_factory=lambda: threading.Thread(target=lambda: None))
 
@@ -41,7 +44,7 @@ class DemoSwitch:
         env.pop("SWITCH_MASTER_KEY", None)
         env["SWITCH_ADMIN_TOKEN"] = ADMIN_TOKEN
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "switch.cli", "demo", "--port", "0", "--metrics-port", "0", "--admin-port", "0",
+            [sys.executable, "-m", "switch.cli", "demo", "--port", "0", "--metrics-port", "0", "--admin-port", "0", "--portal-port", "0",
              "--data-dir", str(self.data_dir), "--issuer-timeout", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
@@ -55,6 +58,7 @@ class DemoSwitch:
                 if m and not ready.is_set():
                     self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
                     self.admin_port = int(m.group(3) or 0)
+                    self.portal_port = int(m.group(4) or 0)
                     ready.set()
             ready.set()
 
