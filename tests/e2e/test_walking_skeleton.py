@@ -353,7 +353,12 @@ async def test_no_secret_in_journal_or_logs(demo: DemoSwitch) -> None:
     secrets = [CARD, CARD_CMB, "123456=", "30122011", term.keys.mak.hex().upper(), term.keys.pik.hex().upper()]
     from switch.demo_fixture import TERMINALS
 
+    from switch.issuers.cards import demo_issuers
+
     secrets += [t.tmk_hex for t in TERMINALS if t.tmk_hex]
+    # every demo card number of §14 (whatever tests ran in this module before), and the issuers' ZPKs
+    secrets += [c.pan for d in demo_issuers().values() for c in d.cards]
+    secrets += [d.zpk.hex().upper() for d in demo_issuers().values()]
     for s in secrets:
         assert s.encode() not in blobs, s[:4]
         assert s.encode() not in logs, s[:4]
