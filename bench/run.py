@@ -98,6 +98,8 @@ class Bench:
                            mode: str, mix: str, rate: float = 0.0) -> dict[str, Any]:
         before = await books.balances()
         start_id = books.journal_max_id()
+        commits0, answered0 = switch_counters(self.metrics_port)
+        rss0 = rss_kib(self.switch_pid)
         r = await anyio.to_thread.run_sync(
             lambda: self.loadgen(name, port, mode=mode, mix=mix, rate=rate, terminals_file=terminals_file)
         )
@@ -113,14 +115,28 @@ class Bench:
             log(f"bench:   BOOKS MISMATCH: {check['mismatches']}")
         else:
             log(f"bench:   books ok: {check['generator_approvals']} approvals = journal")
-        phase = {"name": name, "server": "switch", "result": r, "books": check}
+        commits1, answered1 = switch_counters(self.metrics_port)
+        rss1 = rss_kib(self.switch_pid)
+        requests = max(answered1 - answered0, 1.0)
+        group = {
+            "journal_commits": commits1 - commits0,
+            "requests": answered1 - answered0,
+            "requests_per_commit": round(requests / max(commits1 - commits0, 1.0), 2),
+            "rss_kib_before": rss0, "rss_kib_after": rss1,
+        }
+        log(f"bench:   group commit: {group['requests_per_commit']} requests per journal commit; "
+            f"RSS {rss0} -> {rss1} KiB")
+        phase = {"name": name, "server": "switch", "result": r, "books": check, "switch": group}
         self.phases.append(phase)
         return phase
 
     async def switch_phases(self) -> None:
         data_dir = self.work / "data"
         server = switch_process(data_dir)
-        port, _metrics = server.start()
+        port, metrics_port = server.start()
+        self.metrics_port = metrics_port
+        assert server.proc is not None
+        self.switch_pid = server.proc.pid
         try:
             terms = await onboard_terminals(data_dir, port, self.args.terminals)
             terminals_file = self.work / "terminals.json"  # test keys the demo issued; deleted with the work dir
@@ -140,10 +156,56 @@ class Bench:
                         continue
                     await self.switch_phase(f"switch-open-{int(f * 100)}", port, books, tids, terminals_file,
                                             mode="open", mix="consume", rate=max(1.0, f * tps))
+                if self.args.soak:
+                    await self.soak(port, books, tids, terminals_file, rate=max(1.0, 0.5 * tps))
         finally:
             code = server.stop()
             if code not in (0, None):
                 log(f"bench: switch exited {code}:\n" + "".join(server.output[-20:]))
+
+
+    async def soak(self, port: int, books: Books, tids: list[str], terminals_file: Path, *, rate: float) -> None:
+        """Memory over a long open-loop run: RSS sampled between slices of the same load."""
+        samples = [rss_kib(self.switch_pid)]
+        slices = max(1, int(self.args.soak // self.args.seconds))
+        for i in range(slices):
+            await self.switch_phase(f"soak-{i:02d}", port, books, tids, terminals_file, mode="open",
+                                    mix="consume", rate=rate)
+            samples.append(rss_kib(self.switch_pid))
+        growth = (samples[-1] - samples[1]) / max(samples[1], 1) * 100 if len(samples) > 2 else 0.0
+        log(f"bench: soak {self.args.soak:.0f} s at {rate:.0f}/s: RSS {samples[1]} -> {samples[-1]} KiB "
+            f"({growth:+.1f} % after the first slice)")
+        self.soak_result = {"seconds": self.args.soak, "rate": rate, "rss_kib": samples,
+                            "growth_percent_after_warmup": round(growth, 1)}
+
+
+
+def switch_counters(metrics_port: int) -> tuple[float, float]:
+    """(journal commits, requests answered) from the switch's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    commits = answered = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "switch_journal_commits_total":
+                commits += sample.value
+            elif sample.name == "switch_requests_total":
+                answered += sample.value
+    return commits, answered
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def headline(phases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -162,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true", help="~30 s: one phase of each kind")
     g.add_argument("--full", action="store_true", help="longer phases, realistic mix, open-loop sweep, plots")
     p.add_argument("--seconds", type=float, help="per phase (quick 5, full 10)")
+    p.add_argument("--soak", type=float, default=None,
+                   help="with --full: seconds of open-loop load watching the switch's RSS (default 300)")
     p.add_argument("--terminals", type=int, default=64)
     p.add_argument("--max-requests", type=int, default=2_000_000)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     args.seconds = args.seconds or (10.0 if args.full else 5.0)
+    args.soak = args.soak if args.soak is not None else (300.0 if args.full else 0.0)
     started = datetime.now(timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_phase": args.seconds,
         "wall_s": time.monotonic() - t_start,
         "phases": bench.phases,
+        "soak": getattr(bench, "soak_result", None),
         "headline": headline(bench.phases),
     }
     books_ok = all(p["books"]["ok"] for p in bench.phases if "books" in p)
