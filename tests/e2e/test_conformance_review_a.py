@@ -538,3 +538,102 @@ async def test_activation_fields_digit6_and_lockout(demo: DemoSwitch) -> None:
         if i == 0:
             assert set(w.fields) == {11, 39, 60} and w.header_digit6 == 0
     assert codes == ["97"] * 5 + ["75"]
+
+
+# ---- §10.2 PIN block for every PIN-carrying type; §4 F53 digit 2 without a PIN ------------
+@pytest.mark.xfail(strict=True, reason="§10.2 / §12.1 step 10: a refund's undecodable PIN block is not "
+                   "answered 99; the refund handler never translates (or checks) F52")
+async def test_refund_with_undecodable_pin_block_is_99(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        assert term.keys is not None
+        sale = await term.send_fields("0200", consume_fields(term, amount=300))
+        assert sale.code == "00"
+        f = term.card_fields(processing_code="200000", type_code="25", card=CARD, amount_fen=100,
+                             pin="123456", expiry="3012", rrn=str(sale.fields[37]),
+                             original=sale.batch + sale.stan + str(sale.fields[13]))
+        f[52] = des_ecb_encrypt(term.keys.pik, b"\xff" * 8)
+        r = await term.send_fields("0220", f)
+        assert r.code == "99" and 64 not in r.fields
+
+
+@pytest.mark.xfail(strict=True, reason="§4 F53 digit 2 must match the sign-on mode (else 99): with an "
+                   "encrypted track and no PIN the switch never looks at digit 2 and approves")
+async def test_f53_digit2_mismatch_with_encrypted_track_only_is_99(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("004")
+        f = term.card_fields(processing_code="000000", type_code="22", card=CARD, amount_fen=3,
+                             expiry="3012", encrypt_track=True)
+        assert str(f[53])[:3] == "061"
+        f[53] = "0010000000000000"
+        assert (await term.send_fields("0200", f)).code == "99"
+
+
+async def test_encrypted_track_after_004_is_served(demo: DemoSwitch) -> None:
+    """§10.3: a TDK-encrypted track after a 004 sign-on; the response F2 is the clear PAN (§6.1)."""
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("004")
+        f = term.card_fields(processing_code="000000", type_code="22", card=CARD, amount_fen=3,
+                             pin="123456", expiry="3012", encrypt_track=True)
+        r = await term.send_fields("0200", f)
+        assert r.code == "00" and r.fields[2] == CARD and r.mac_ok is True
+
+
+# ---- §6.1 unlisted fields are ignored -----------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="§6.1 'a field not listed for a type is ignored ... never a 30': "
+                   "a consume carrying a short F61 (not listed for consume) gets 30")
+async def test_consume_with_unlisted_short_f61_is_not_30(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        f = consume_fields(term, pin=False, amount=4)
+        f[61] = "1234"
+        r = await term.send_fields("0200", f)
+        assert r.code == "00" and 61 not in r.fields
+
+
+async def test_consume_with_unlisted_fields_ignored(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        f = consume_fields(term, pin=False, amount=4)
+        f[37] = "000000000001"
+        f[38] = "ABCDEF"
+        f[48] = "123"
+        r = await term.send_fields("0200", f)
+        assert r.code == "00" and 48 not in r.fields and r.fields[38] != "ABCDEF"
+        assert r.fields[37] != "000000000001"
+
+
+# ---- §10.1 MAC missing; §1 oversized frame; §7 scan-to-pay formats ------------------------
+async def test_missing_mac_is_a0(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        f = consume_fields(term, pin=False)
+        r = await term.send_fields("0200", f, mac=False)
+        assert r.code == "A0" and 64 not in r.fields
+
+
+async def test_oversized_len_closed(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    assert await term.send_raw(b"\x08\x01" + bytes(11), oneshot=True) is None
+
+
+async def test_scan_to_pay_formats(demo: DemoSwitch) -> None:
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+
+        def scan(code: str) -> Fields:
+            return term.card_fields(processing_code="000000", type_code="22", card=code, amount_fen=7,
+                                    entry="scan")
+
+        ok = await term.send_fields("0200", scan("101234567890123456"))
+        assert ok.code == "00" and ok.fields[44] == "WECHAT".ljust(11) + ACQ.ljust(11)
+        assert (await term.send_fields("0200", scan("10123456789012345"))).code == "30"
+        r15 = await term.send_fields("0200", scan("991234567890123456"))
+        assert r15.code == "15" and r15.fields[44] == " " * 11 + ACQ.ljust(11)
