@@ -637,3 +637,57 @@ async def test_scan_to_pay_formats(demo: DemoSwitch) -> None:
         assert (await term.send_fields("0200", scan("10123456789012345"))).code == "30"
         r15 = await term.send_fields("0200", scan("991234567890123456"))
         assert r15.code == "15" and r15.fields[44] == " " * 11 + ACQ.ljust(11)
+
+
+# ---- §6.1 more response layouts -----------------------------------------------------------
+async def test_sign_on_unknown_terminal_layout(demo: DemoSwitch) -> None:
+    term = TerminalClient("127.0.0.1", demo.port, "99999998", "898310048990001", bytes(16))
+    term.next_stan = 950001
+    r = await term.send_fields("0800", {11: term.take_stan(), 41: term.tid, 42: term.mid, 60: "00000001003"},
+                               mac=False, oneshot=True)
+    assert r.code == "97" and r.header_digit6 == 0
+    assert set(r.fields) == {11, 12, 13, 32, 37, 39, 41, 42, 60}
+
+
+async def test_balance_void_reversal_layouts(demo: DemoSwitch) -> None:
+    """§6.1: balance approved adds 54 (no 4 echoed when not sent); a void gets a new RRN; an
+    approved 0410 carries the echoes, 12 13 15 32 37 39 44 63 and 64."""
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        bal = await term.send_fields("0200", term.card_fields(
+            processing_code="310000", type_code="01", card=CARD, amount_fen=None, pin="123456", expiry="3012"))
+        assert bal.code == "00" and set(bal.fields) >= FIN_DECLINE - {4} | {54, 64} and 4 not in bal.fields
+        assert set(bal.fields) <= FIN_DECLINE - {4} | {38, 54, 64}
+        sale = await term.send_fields("0200", consume_fields(term, amount=11))
+        assert sale.code == "00"
+        void = await term.send_fields("0200", term.card_fields(
+            processing_code="200000", type_code="23", card=CARD, amount_fen=11, pin="123456", expiry="3012",
+            rrn=str(sale.fields[37]), original=sale.batch + sale.stan))
+        assert void.code == "00" and void.fields[37] != sale.fields[37]
+        assert set(void.fields) == FIN_DECLINE | {38, 64}
+        sale2 = await term.send_fields("0200", consume_fields(term, pin=False, amount=12))
+        assert sale2.code == "00"
+        rev = {k: v for k, v in sale2.request_fields.items() if k in (2, 3, 4, 11, 14, 22, 25, 49, 60, 61, 38)}
+        rev.update({39: "98", 41: term.tid, 42: term.mid})
+        r = await term.send_fields("0400", rev)
+        assert r.code == "00" and r.mti == "0410" and r.mac_ok is True
+        assert FIN_DECLINE - {2} | {64} <= set(r.fields) <= FIN_DECLINE | {38, 64}
+        assert r.fields[37] != sale2.fields[37]
+        missing = dict(rev)
+        missing[11] = term.take_stan()
+        assert (await term.send_fields("0400", missing)).code == "25"
+
+
+async def test_f60_extra_digits_echoed_and_f12_f13_ignored(demo: DemoSwitch) -> None:
+    """§5: further digits of F60 are accepted and echoed; §4: F12/F13 are set by the switch."""
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        f = consume_fields(term, pin=False, amount=13)
+        f[60] = str(f[60]) + "501"
+        f[12] = "000000"
+        f[13] = "0101"
+        r = await term.send_fields("0200", f)
+        assert r.code == "00" and r.fields[60] == f[60]
+        assert (r.fields[12], r.fields[13]) != ("000000", "0101")
