@@ -155,11 +155,14 @@ async def test_refund_of_a_completion_is_approved_and_bounded(demo: DemoSwitch) 
 # ======================================================================================
 async def test_completion_cap_is_exactly_115_percent(demo: DemoSwitch) -> None:
     async with signed_on(demo.terminal()) as t:
+        before = await available(t, ICBC_CARD)
         pa = await do(t, "pre_auth", ICBC_CARD, 10_000)
         assert pa.code == "00"
+        assert await available(t, ICBC_CARD) == before - 10_000
         assert (await do(t, "completion", ICBC_CARD, 11_501, extra=pre_auth_extra(pa))).code == "64"
         assert (await do(t, "completion_advice", ICBC_CARD, 11_501, extra=pre_auth_extra(pa))).code == "64"
         assert (await do(t, "completion", ICBC_CARD, 11_500, extra=pre_auth_extra(pa))).code == "00"
+        assert await available(t, ICBC_CARD) == before - 11_500  # captured; the rest of the hold released
         assert (await do(t, "completion", ICBC_CARD, 100, extra=pre_auth_extra(pa))).code == "12"
         assert (await do(t, "completion_advice", ICBC_CARD, 100, extra=pre_auth_extra(pa))).code == "12"
         assert (await do(t, "pre_auth_void", ICBC_CARD, 10_000, extra=pre_auth_extra(pa))).code == "12"
@@ -549,3 +552,169 @@ async def test_fee_rounds_half_up(demo: DemoSwitch, amount: int, fee: int) -> No
         r = await do(t, "consume", ICBC_CARD, amount)
         assert r.code == "00"
     assert journal_row(demo, r)["fee_fen"] == fee
+
+
+async def test_activation_decline_carries_only_11_39_60(tmp_path: Path) -> None:
+    sw = await started(tmp_path)
+    try:
+        r = await _activate(sw.port, "11111111", "000001")
+        assert r.code == "97" and sorted(r.fields) == [11, 39, 60]  # §6.1: 41/42 only when 00
+    finally:
+        sw.kill()
+
+
+async def test_a_copy_in_flight_waits_and_gets_the_same_response(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        mti, f = card_request(t, "consume", SLOW_CARD, 777, pin="123456")
+        frame, _ = t.build_frame(mti, f, mac=True)
+        got: list[Response | None] = []
+
+        async def one() -> None:
+            got.append(await t.send_raw(frame))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+        # both answers have the same F11, so the client may hand either frame to either caller;
+        # both must be the one response (§11)
+        assert len(got) == 2 and all(g is not None for g in got)
+        a, b = got
+        assert a is not None and b is not None
+        assert a.code == "98" and a.body == b.body
+
+
+async def test_reversal_of_a_pre_auth_void_and_of_a_completion_reopen_the_pre_auth(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        before = await available(t, ICBC_CARD)
+        pa = await do(t, "pre_auth", ICBC_CARD, 6_000)
+        pv = await do(t, "pre_auth_void", ICBC_CARD, 6_000, extra=pre_auth_extra(pa))
+        assert pv.code == "00"
+        assert (await reverse(t, pv)).code == "00"
+        assert await available(t, ICBC_CARD) == before - 6_000  # held again
+        comp = await do(t, "completion", ICBC_CARD, 5_000, extra=pre_auth_extra(pa))
+        assert comp.code == "00"
+        assert (await reverse(t, comp)).code == "00"
+        assert await available(t, ICBC_CARD) == before - 6_000
+        assert (await do(t, "pre_auth_void", ICBC_CARD, 6_000, extra=pre_auth_extra(pa))).code == "00"
+        assert await available(t, ICBC_CARD) == before
+
+
+async def test_reversal_of_non_reversible_types_is_12(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        bal = await do(t, "balance", ICBC_CARD, None)
+        assert (await reverse(t, bal)).code == "12"
+        pa = await do(t, "pre_auth", ICBC_CARD, 1_500)
+        adv = await do(t, "completion_advice", ICBC_CARD, 1_500, extra=pre_auth_extra(pa))
+        assert adv.code == "00"
+        assert (await reverse(t, adv)).code == "12"
+
+
+def _cli(data_dir: Path, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("SWITCH_MASTER_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "switch.cli", *args, "--data-dir", str(data_dir)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def _echo_code_becomes(t: TerminalClient, code: str) -> bool:
+    for _ in range(100):  # bounded: about 20 s
+        async with t.connect():
+            if (await t.echo_test()).code == code:
+                return True
+        await anyio.sleep(0.2)
+    return False
+
+
+async def test_main_and_secondary_rules(tmp_path: Path) -> None:
+    sw = await started(tmp_path)
+    try:
+        _cli(tmp_path, "terminal", "disable", "20000001")
+        assert await _echo_code_becomes(sw.terminal("20000001"), "97")
+        r = await _activate(sw.port, "48213579", "000001")
+        assert r.code == "97", r  # §9.2: the main is not active
+        _cli(tmp_path, "terminal", "disable", "10000001")
+        assert await _echo_code_becomes(sw.terminal("10000001"), "97")
+        t2 = sw.terminal("10000002")
+        async with t2.connect():
+            assert (await t2.echo_test()).code == "97"  # disabling the main disables its secondaries
+    finally:
+        sw.kill()
+
+
+# ======================================================================================
+# §12.1 step 10 (with §7 routing and refunds): the PIN block is checked before the issuer
+# ======================================================================================
+def _wrong_key_length(fields: Fields) -> Fields:
+    """F53 digit 2 = 0 (single DES) after a 003 sign-on: §4 says 99."""
+    f53 = str(fields[53])
+    return {**fields, 53: f53[0] + "0" + f53[2:]}
+
+
+async def test_pin_block_error_on_a_card_of_a_working_issuer_is_99(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        mti, f = card_request(t, "consume", ICBC_CARD, 100, pin=PIN[ICBC_CARD])
+        assert (await t.send_fields(mti, _wrong_key_length(f))).code == "99"
+
+
+@pytest.mark.xfail(strict=True, reason="§12.1 step 10 (PIN block 99 before the issuer's 91/98): a consume with "
+                   "a bad PIN block to a card whose issuer link is down is answered 91, the link is checked "
+                   "before the PIN block (financial.authorize)")
+async def test_pin_block_error_on_a_card_of_a_down_issuer_is_99(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        mti, f = card_request(t, "consume", BOC_CARD, 100, pin="123456")
+        assert (await t.send_fields(mti, _wrong_key_length(f))).code == "99"
+
+
+@pytest.mark.xfail(strict=True, reason="§12.1 step 10 / §10.2 / §4 F53: a refund whose PIN block is wrong (F53 "
+                   "key length not the sign-on's) must get 99; the refund path never checks or translates the "
+                   "PIN block and answers 00")
+async def test_refund_with_a_bad_pin_block_is_99(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        sale = await do(t, "consume", ICBC_CARD, 2_222)
+        extra = {37: sale.fields[37], 61: "000000000000" + str(sale.fields[13])}
+        mti, f = card_request(t, "refund", ICBC_CARD, 100, pin=PIN[ICBC_CARD], extra=extra)
+        assert (await t.send_fields(mti, _wrong_key_length(f))).code == "99"
+
+
+async def test_transfer_carries_no_fee(demo: DemoSwitch) -> None:
+    async with signed_on(demo.terminal()) as t:
+        r = await do(t, "transfer", ICBC_CARD, 10_000, extra={48: CMB_DEST})
+        assert r.code == "00"
+    assert not journal_row(demo, r)["fee_fen"]
+
+
+# ======================================================================================
+# §14 fixture behaviour
+# ======================================================================================
+@pytest.mark.parametrize(
+    "card, amount, pin, expiry, expected",
+    [
+        ("6222021007789355041", 100, "123456", "2001", "54"),
+        ("6222029410528228689", 100, "123456", "3012", "41"),
+        ("6222023650908004509", 100, "123456", "3012", "43"),
+        (ICBC_CARD, 100, "654321", "3012", "55"),
+        (ICBC_POOR, 10_001, "123456", "3012", "51"),
+        (ICBC_POOR, 10_000, "123456", "3012", "00"),
+        (CMB_CARD, 100, "888888", "2912", "00"),
+    ],
+    ids=["expired", "lost", "stolen", "wrong-pin", "poor-51", "poor-exact", "cmb"],
+)
+async def test_fixture_cards(demo: DemoSwitch, card: str, amount: int, pin: str, expiry: str, expected: str) -> None:
+    async with signed_on(demo.terminal("20000001")) as t:
+        r = await t.consume(card, amount, pin=pin, expiry=expiry)
+        assert r.code == expected, r
+        if expected == "00":
+            assert (await t.void(r)).code == "00"  # leave the balance as it was
+
+
+@pytest.mark.parametrize("code", ["121234567890123456", "271234567890123456"])
+async def test_wallet_limit_is_inclusive(demo: DemoSwitch, code: str) -> None:
+    async with signed_on(demo.terminal("20000001")) as t:
+        assert (await send(t, scan_request(t, "consume", code, 500_000))).code == "00"
+        assert (await send(t, scan_request(t, "consume", code, 500_001))).code == "51"
