@@ -131,7 +131,9 @@ def check_mandatory(state: SwitchState, ctx: Context) -> None:
         if k not in f:
             ctx.decline(ResultCode.FORMAT_ERROR, f"F{k} missing")
             return
-    if 61 in f and len(str(f[61])) < (12 if txn.name in ("consume_void", "completion_void") else 16):
+    if 61 in EXTRA_MANDATORY.get(txn.name, ()) and len(str(f[61])) < (
+        12 if txn.name in ("consume_void", "completion_void") else 16
+    ):
         ctx.decline(ResultCode.FORMAT_ERROR, "F61 shorter than batch + STAN (+ date)")
         return
     pin_fields = [k for k in (26, 52) if k in f]
@@ -175,8 +177,16 @@ def _read_amount(ctx: Context) -> bool:
 
 
 def _read_card(ctx: Context) -> bool:
-    """PAN (and expiry) from F2 / F14 or from track 2, decrypting a TDK-encrypted track (§10.3)."""
+    """PAN (and expiry) from F2 / F14 or from track 2, decrypting a TDK-encrypted track (§10.3).
+    §6.1: "2 or 35 M (35 for a swipe, 2 otherwise)"."""
     f = ctx.request.fields
+    swipe = str(f.get(22, ""))[:2] == "02"
+    if swipe and 35 not in f:
+        ctx.decline(ResultCode.FORMAT_ERROR, "a swipe carries track 2 (F35)")
+        return False
+    if not swipe and 2 not in f:
+        ctx.decline(ResultCode.FORMAT_ERROR, "a card not swiped carries F2")
+        return False
     f53 = f.get(53)
     encrypted_track = isinstance(f53, str) and f53[2:3] == "1"
     if encrypted_track and ctx.terminal is not None and ctx.terminal.key_mode != "004":

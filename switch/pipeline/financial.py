@@ -20,16 +20,18 @@ def translate_pin(state: SwitchState, ctx: Context) -> bytes | None:
     """Step 10a: F52 under the terminal's PIK → the issuer's ZPK (99 when it does not decode).
     None with no decline: no PIN was entered."""
     f = ctx.request.fields
+    terminal = ctx.terminal
+    assert terminal is not None
+    f53 = f.get(53)
+    if isinstance(f53, str):  # §4: digit 2 must match the sign-on's key length, PIN or not
+        expected = "0" if terminal.key_mode == "001" else "6"
+        if f53[1:2] != expected:
+            ctx.decline(ResultCode.PIN_BLOCK_ERROR, "F53 key length does not match the sign-on mode")
+            return None
     block = f.get(52)
     if not isinstance(block, bytes):
         return None
-    terminal = ctx.terminal
-    assert terminal is not None and terminal.pik is not None and ctx.pan is not None
-    f53 = str(f.get(53, ""))
-    expected = "0" if terminal.key_mode == "001" else "6"
-    if f53[1:2] != expected:
-        ctx.decline(ResultCode.PIN_BLOCK_ERROR, "F53 key length does not match the sign-on mode")
-        return None
+    assert terminal.pik is not None and ctx.pan is not None
     zpk = state.zone_pin_keys.get(ctx.issuer or "")
     if zpk is None:
         ctx.decline(ResultCode.ISSUER_UNAVAILABLE, "no zone PIN key for issuer")
@@ -86,11 +88,7 @@ async def authorize(state: SwitchState, ctx: Context) -> None:
     assert txn is not None and ctx.issuer is not None and ctx.pan is not None and ctx.rrn is not None
     if not reserve_limit(state, ctx):
         return
-    link = state.links.get(ctx.issuer)
-    if link is None or not link.is_up:
-        ctx.decline(ResultCode.ISSUER_UNAVAILABLE, "issuer link down")
-        return
-    pin_block = translate_pin(state, ctx)
+    pin_block = translate_pin(state, ctx)  # step 10: the PIN block (99) before the issuer (91/98)
     if ctx.rc is not None:
         return
     mti, pcode = issuer_leg.ISSUER_MESSAGE[txn.name]

@@ -30,7 +30,8 @@ from switch.core.messages import (
     response_mti,
 )
 from switch.crypto.mac import cup_mac
-from switch.domain.cards import mask_pan
+from switch.crypto.track import TrackError, decrypt_track
+from switch.domain.cards import mask_pan, pan_from_track2
 from switch.domain.codes import ResultCode
 from switch.pipeline import (
     activation,
@@ -222,6 +223,8 @@ class TransactionManager:
             return out
         # financial (0110, 0210, 0230, 0410)
         out.update(echo(f))
+        if rc is ResultCode.FORMAT_ERROR:  # §6.1: a 30 carries 11, 39, 41 and what it echoes
+            return out
         out[12] = ctx.hhmmss
         out[13] = ctx.mmdd
         out[15] = ctx.mmdd
@@ -229,8 +232,10 @@ class TransactionManager:
         out[37] = ctx.rrn or ""
         out[44] = (ctx.issuer or "").ljust(11) + self.state.settings.acquirer_id.ljust(11)
         out[63] = "CUP"
-        if ctx.track2 is not None and ctx.pan is not None and 2 not in f:
-            out[2] = ctx.pan
+        if 2 not in f and 35 in f:  # §6.1: for a swiped card, F2 = the PAN from track 2, declines too
+            pan = ctx.pan if ctx.track2 is not None else _pan_of_track(ctx)
+            if pan is not None:
+                out[2] = pan
         if rc is ResultCode.APPROVED:
             if ctx.auth_code:
                 out[38] = ctx.auth_code
@@ -379,6 +384,23 @@ class TransactionManager:
         await self.store.write(self.store.op_journal(entry))
         self.state.metrics.request_completed("malformed", "30", 0.0)
         return data
+
+
+def _pan_of_track(ctx: Context) -> str | None:
+    """The PAN of a request declined before its track was read (steps 2-6)."""
+    track = ctx.request.fields.get(35)
+    if not isinstance(track, str):
+        return None
+    f53 = ctx.request.fields.get(53)
+    if isinstance(f53, str) and f53[2:3] == "1":  # TDK-encrypted: only with the terminal's TDK
+        t = ctx.terminal
+        if t is None or t.tdk is None:
+            return None
+        try:
+            track = decrypt_track(t.tdk, track)
+        except TrackError:
+            return None
+    return pan_from_track2(track)
 
 
 def _s(v: object) -> str | None:

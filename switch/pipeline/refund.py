@@ -8,7 +8,7 @@ from __future__ import annotations
 from switch.domain.codes import ResultCode
 from switch.pipeline import issuer_leg, originals
 from switch.pipeline.context import Context, SwitchState
-from switch.pipeline.financial import approve
+from switch.pipeline.financial import approve, translate_pin
 
 REFUNDABLE = ("consume", "scan_to_pay", "completion", "completion_advice")
 
@@ -39,8 +39,13 @@ async def refund(state: SwitchState, ctx: Context) -> None:
         return
     issuer = str(row["issuer"])
     ctx.issuer = issuer
+    pin_block = translate_pin(state, ctx)  # a refund may carry a PIN: 99 when it does not decode
+    if ctx.rc is not None:
+        return
     mti, pcode = issuer_leg.ISSUER_MESSAGE["refund"]
     out = issuer_leg.request_fields(state, ctx, pcode, pan=ctx.pan, amount_fen=ctx.amount_fen, rrn=row["rrn"])
+    if pin_block is not None:
+        out[52] = pin_block
     orig_mti = issuer_leg.ISSUER_MESSAGE[row["txn"]][0]
     out[90] = issuer_leg.f90(orig_mti, row["issuer_stan"], row["issuer_f7"], state.settings.acquirer_id)
     ctx.issuer_fields = out

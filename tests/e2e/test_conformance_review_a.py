@@ -164,9 +164,6 @@ async def test_sign_on_response_f2_not_echoed(demo: DemoSwitch) -> None:
 
 
 # ---- §6.1 swiped-card F2 on declines before routing ---------------------------------------
-@pytest.mark.xfail(strict=True, reason="§6.1 'for a swiped card the response carries F2 = the PAN from "
-                   "track 2': the switch reads track 2 only at step 7, so declines at steps 2-6 "
-                   "(03, 40, 77, A0) of a swiped card carry no F2")
 @pytest.mark.parametrize("decline", ["03", "40", "77", "A0"])
 async def test_swipe_decline_before_routing_carries_f2(demo: DemoSwitch, decline: str) -> None:
     term = demo.terminal("10000001")
@@ -195,8 +192,6 @@ async def test_a0_field_set_without_f2(demo: DemoSwitch) -> None:
 
 
 # ---- §12.1 step 7: the 30 answer layout ---------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="§6.1 'A 30 carries 11, 39, 41 and whatever else of the echo list "
-                   "decoded': a mandatory-field 30 (step 7) gets the full financial layout (12 13 15 32 37 44 63)")
 async def test_mandatory_field_30_layout(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():
@@ -372,8 +367,6 @@ async def test_undecodable_pin_block_is_99(demo: DemoSwitch) -> None:
         assert (await term.send_fields("0200", f)).code == "99"
 
 
-@pytest.mark.xfail(strict=True, reason="§12.1 step 10 'PIN block -> 99; then the issuer's answer, 91 or 98': "
-                   "the switch checks the issuer link (91) before the PIN block")
 async def test_pin_block_error_before_link_down(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():
@@ -465,8 +458,6 @@ async def test_reversal_unknown_key_40(demo: DemoSwitch) -> None:
 
 
 # ---- §6.1 mandatory card field: 35 for a swipe, 2 otherwise ---------------------------------
-@pytest.mark.xfail(strict=True, reason="§6.1 '2 or 35 M (35 for a swipe, 2 otherwise)': a swipe (F22 02x) "
-                   "with F2 and no F35 is not answered 30; the switch takes the PAN from F2 and goes on")
 async def test_swipe_without_track_is_30(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():
@@ -477,8 +468,6 @@ async def test_swipe_without_track_is_30(demo: DemoSwitch) -> None:
         assert (await term.send_fields("0200", f)).code == "30"
 
 
-@pytest.mark.xfail(strict=True, reason="§6.1 '2 or 35 M (35 for a swipe, 2 otherwise)': a manual entry "
-                   "(F22 01x) with only F35 is not answered 30; the switch takes the PAN from track 2")
 async def test_manual_without_f2_is_30(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():
@@ -541,8 +530,6 @@ async def test_activation_fields_digit6_and_lockout(demo: DemoSwitch) -> None:
 
 
 # ---- §10.2 PIN block for every PIN-carrying type; §4 F53 digit 2 without a PIN ------------
-@pytest.mark.xfail(strict=True, reason="§10.2 / §12.1 step 10: a refund's undecodable PIN block is not "
-                   "answered 99; the refund handler never translates (or checks) F52")
 async def test_refund_with_undecodable_pin_block_is_99(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():
@@ -558,8 +545,6 @@ async def test_refund_with_undecodable_pin_block_is_99(demo: DemoSwitch) -> None
         assert r.code == "99" and 64 not in r.fields
 
 
-@pytest.mark.xfail(strict=True, reason="§4 F53 digit 2 must match the sign-on mode (else 99): with an "
-                   "encrypted track and no PIN the switch never looks at digit 2 and approves")
 async def test_f53_digit2_mismatch_with_encrypted_track_only_is_99(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():
@@ -583,8 +568,6 @@ async def test_encrypted_track_after_004_is_served(demo: DemoSwitch) -> None:
 
 
 # ---- §6.1 unlisted fields are ignored -----------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="§6.1 'a field not listed for a type is ignored ... never a 30': "
-                   "a consume carrying a short F61 (not listed for consume) gets 30")
 async def test_consume_with_unlisted_short_f61_is_not_30(demo: DemoSwitch) -> None:
     term = demo.terminal("10000001")
     async with term.connect():

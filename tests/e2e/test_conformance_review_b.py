@@ -662,18 +662,12 @@ async def test_pin_block_error_on_a_card_of_a_working_issuer_is_99(demo: DemoSwi
         assert (await t.send_fields(mti, _wrong_key_length(f))).code == "99"
 
 
-@pytest.mark.xfail(strict=True, reason="§12.1 step 10 (PIN block 99 before the issuer's 91/98): a consume with "
-                   "a bad PIN block to a card whose issuer link is down is answered 91, the link is checked "
-                   "before the PIN block (financial.authorize)")
 async def test_pin_block_error_on_a_card_of_a_down_issuer_is_99(demo: DemoSwitch) -> None:
     async with signed_on(demo.terminal()) as t:
         mti, f = card_request(t, "consume", BOC_CARD, 100, pin="123456")
         assert (await t.send_fields(mti, _wrong_key_length(f))).code == "99"
 
 
-@pytest.mark.xfail(strict=True, reason="§12.1 step 10 / §10.2 / §4 F53: a refund whose PIN block is wrong (F53 "
-                   "key length not the sign-on's) must get 99; the refund path never checks or translates the "
-                   "PIN block and answers 00")
 async def test_refund_with_a_bad_pin_block_is_99(demo: DemoSwitch) -> None:
     async with signed_on(demo.terminal()) as t:
         sale = await do(t, "consume", ICBC_CARD, 2_222)
