@@ -45,6 +45,7 @@ log = logging.getLogger("switch.app")
 class AppConfig:
     data_dir: Path
     db_path: Path | None = None  # default: data_dir / switch.db
+    store_dsn: str = ""  # postgresql://... selects the PostgreSQL store
     host: str = "127.0.0.1"
     port: int = 5000
     metrics_port: int = 9100
@@ -97,8 +98,14 @@ async def run_switch(
     """Run the switch until SIGTERM/SIGINT (or ``Running.shutdown``). ``reload_issuers``: called on
     SIGHUP for the new issuer list (routes and endpoints are swapped without dropping anything)."""
     metrics = PrometheusMetrics()
-    store = SqliteStore(cfg.db_path or cfg.data_dir / "switch.db", master_key, metrics)
-    store.open()
+    store: SqliteStore
+    if cfg.store_dsn.startswith(("postgresql://", "postgres://")):
+        from switch.adapters.pg_store import open_store_for
+
+        store = open_store_for(cfg.store_dsn, master_key, metrics)  # opened: migrated, key checked
+    else:
+        store = SqliteStore(cfg.db_path or cfg.data_dir / "switch.db", master_key, metrics)
+        store.open()
     try:
         if seed is not None and store.is_empty():
             seed(store)
@@ -210,7 +217,7 @@ async def _on_signal(server: TerminalServer) -> None:
 # ---- serve (a configuration file) ---------------------------------------------------------
 def app_config(cfg: Config) -> AppConfig:
     return AppConfig(
-        data_dir=cfg.data_dir, db_path=cfg.sqlite_path, host=cfg.host, port=cfg.port,
+        data_dir=cfg.data_dir, db_path=cfg.sqlite_path, store_dsn=cfg.store_dsn, host=cfg.host, port=cfg.port,
         metrics_port=cfg.metrics_port, issuer_timeout=cfg.issuer_timeout, idle_timeout=cfg.idle_timeout,
         read_timeout=cfg.read_timeout, max_frame=cfg.max_frame, drain_timeout=cfg.drain_timeout,
         max_connections=cfg.max_connections, issuers=endpoints_of(cfg),

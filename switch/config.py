@@ -94,7 +94,7 @@ class Config:
     @property
     def sqlite_path(self) -> Path:
         """The SQLite file of ``store_dsn`` (``sqlite:///path``), default ``data_dir/switch.db``."""
-        if not self.store_dsn:
+        if not self.store_dsn.startswith("sqlite:///"):
             return self.data_dir / "switch.db"
         return Path(self.store_dsn[len("sqlite:///"):])
 
@@ -245,8 +245,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"log_format: {cfg.log_format!r} is not json or text")
     if cfg.store_dsn and not cfg.store_dsn.startswith(("sqlite:///", "postgresql://")):
         raise ConfigError(f"store dsn: {cfg.store_dsn!r} must start with sqlite:/// or postgresql://")
-    if cfg.store_dsn.startswith("postgresql://"):
-        raise ConfigError("store dsn: the PostgreSQL store is not in this build yet; use sqlite:///")
     for attr in ("issuer_timeout", "idle_timeout", "read_timeout", "drain_timeout"):
         if getattr(cfg, attr) <= 0:
             raise ConfigError(f"{attr}: must be more than 0 seconds")
