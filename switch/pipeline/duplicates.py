@@ -26,6 +26,12 @@ def dup_key(ctx: Context) -> str | None:
     if not req.stan:
         return None  # an echo test may come without F11: nothing to match it on
     batch = ctx.f60.batch if ctx.f60 else ""
+    if ctx.txn is not None and ctx.txn.name == "activation":
+        # F41 may be spaces and factory-fresh terminals all start at the same trace number: the
+        # terminal is the one its code names (§9.1, §12.1 step 2), so the code stands for the TID
+        f62 = req.fields.get(62)
+        code = f62[:8] if isinstance(f62, bytes) else b""
+        return f"activation:{hashlib.sha256(code).hexdigest()[:16]}|{batch}|{req.stan}|{req.mti}"
     return f"{req.tid}|{batch}|{req.stan}|{req.mti}"
 
 

@@ -122,3 +122,16 @@ async def test_secondary_activation_of_the_fixture(demo: DemoSwitch) -> None:
     rc, fields, (key, _) = await activate(demo.port, "48213579", "000007")
     assert rc == "00" and fields[41] == "20000002" and fields[42] == "898310058120002"
     assert fields[63] == "星河超市"
+
+
+async def test_fresh_terminals_with_the_same_trace_number_activate_independently(tmp_path: Path) -> None:
+    """Factory-fresh terminals all start at trace number 000001 and send F41 as spaces: wrong codes
+    from one are answered 97 (not 94 as a duplicate of another's), and five of them lock out (§9.1)."""
+    sw = DemoSwitch(tmp_path)
+    sw.start()
+    try:
+        codes = [(await activate(sw.port, f"{22222220 + i}", "000001"))[0] for i in range(5)]
+        assert codes == ["97"] * 5
+        assert (await activate(sw.port, "48213579", "000001"))[0] == "75"
+    finally:
+        sw.kill()
