@@ -41,9 +41,9 @@ from urllib.parse import parse_qsl
 import anyio
 import anyio.abc
 import anyio.to_thread
-from anyio.abc import SocketAttribute, TaskStatus
+from anyio.abc import TaskStatus
 
-from switch.adapters.http_endpoint import HttpResponse, find_head_end
+from switch.adapters.http_endpoint import HttpResponse, find_head_end, serve_bounded
 from switch.adapters.sqlite_store import SqliteStore
 from switch.admin import onboarding, queries
 from switch.admin.onboarding import OnboardingError
@@ -384,29 +384,7 @@ async def serve_admin(
         raise ValueError("the admin API needs a non-empty bearer token (SWITCH_ADMIN_TOKEN)")
     if token != token.strip(" \t"):
         raise ValueError("the admin API token must not start or end with whitespace")
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    open_connections = 0
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        await _handle(stream, store, token, read_timeout)
 
-    async def handler(stream: anyio.abc.SocketStream) -> None:
-        nonlocal open_connections
-        if open_connections >= max_connections:
-            log.warning("admin API: %d connections open, refusing one", open_connections)
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            return
-        open_connections += 1
-        try:
-            await _handle(stream, store, token, read_timeout)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            log.info("admin API: peer went away")
-        except Exception:
-            # Last line of defence: one bad connection must never take the server down.
-            log.exception("admin API: unexpected error on a connection")
-        finally:
-            open_connections -= 1
-
-    async with listener:
-        bound = listener.listeners[0].extra(SocketAttribute.local_port)
-        log.info("admin API listening on %s:%d", host, bound)
-        task_status.started(bound)
-        await listener.serve(handler)
+    await serve_bounded(handle, host, port, "admin API", max_connections=max_connections, task_status=task_status)

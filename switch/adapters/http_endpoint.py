@@ -16,7 +16,7 @@ passes ``ready``), log request bytes (they may be anything), or let any input cr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -188,29 +188,48 @@ async def serve_http(
     Reports the bound port with ``task_status.started(port)`` (port 0 picks a free one).
     Connections beyond ``max_connections`` at once are closed without an answer.
     """
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        await _handle(stream, metrics, ready, read_timeout)
+
+    await serve_bounded(handle, host, port, "metrics endpoint", max_connections=max_connections,
+                        task_status=task_status)
+
+
+async def serve_bounded(
+    handle: Callable[[anyio.abc.SocketStream], Awaitable[None]],
+    host: str,
+    port: int,
+    name: str,
+    *,
+    max_connections: int,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """A TCP listener for the small HTTP servers (metrics, admin API): at most ``max_connections``
+    at once (the rest closed unanswered), a failing connection never takes the server down;
+    reports the bound port."""
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     open_connections = 0
 
     async def handler(stream: anyio.abc.SocketStream) -> None:
         nonlocal open_connections
         if open_connections >= max_connections:
-            log.warning("metrics endpoint: %d connections open, refusing one", open_connections)
+            log.warning("%s: %d connections open, refusing one", name, open_connections)
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             return
         open_connections += 1
         try:
-            await _handle(stream, metrics, ready, read_timeout)
+            await handle(stream)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            log.info("metrics endpoint: peer went away")
+            log.info("%s: peer went away", name)
         except Exception:
             # Last line of defence: one bad connection must never take the server down.
-            log.exception("metrics endpoint: unexpected error on a connection")
+            log.exception("%s: unexpected error on a connection", name)
         finally:
             open_connections -= 1
 
     async with listener:
         bound = listener.listeners[0].extra(SocketAttribute.local_port)
-        log.info("metrics endpoint listening on %s:%d", host, bound)
+        log.info("%s listening on %s:%d", name, host, bound)
         task_status.started(bound)
         await listener.serve(handler)
