@@ -110,6 +110,78 @@ def switch_process(data_dir: Path) -> ServerProcess:
     )
 
 
+@dataclass
+class SwitchWithIssuers:
+    """``switch serve`` with the mock issuers it routes to in their own processes (the
+    deployment shape: the switch process does only the switch's work), on a data directory seeded
+    with the §14 fixture. Same ``start``/``stop``/``proc``/``output`` surface as ServerProcess."""
+
+    data_dir: Path
+    issuers: tuple[str, ...] = ("ICBC", "CMB")
+    server: ServerProcess | None = None
+    issuer_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def proc(self) -> subprocess.Popen[str] | None:
+        return self.server.proc if self.server else None
+
+    @property
+    def output(self) -> list[str]:
+        return self.server.output if self.server else []
+
+    def start(self, timeout: float = 60.0) -> tuple[int, ...]:
+        import socket
+
+        from switch.adapters.sqlite_store import SqliteStore
+        from switch.app import load_master_key, seed_demo
+        from switch.issuers.cards import demo_issuers
+
+        def free_port() -> int:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return int(sock.getsockname()[1])
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = SqliteStore(self.data_dir / "switch.db", load_master_key(self.data_dir, create=True))
+        store.open()
+        try:
+            seed_demo(store)
+        finally:
+            store.close()
+        fixture = demo_issuers()
+        env = {k: v for k, v in os.environ.items() if k != "SWITCH_MASTER_KEY"}
+        issuer_cfg = ""
+        for name in self.issuers:
+            port = free_port()
+            self.issuer_procs.append(subprocess.Popen(
+                [sys.executable, "-m", "switch.cli", "issuer", "--name", name, "--port", str(port)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            prefixes = ", ".join(f'"{p}"' for p in fixture[name].prefixes)
+            issuer_cfg += f'[[issuers]]\nname = "{name}"\nport = {port}\nprefixes = [{prefixes}]\n'
+        config = self.data_dir / "switch.toml"
+        config.write_text(
+            f'[switch]\nport = 0\nmetrics_port = 0\nadmin_port = 0\nportal_port = 0\n'
+            f'data_dir = "{self.data_dir}"\nlog_level = "INFO"\nlog_format = "text"\n'
+            f'[timeouts]\nissuer = 2.0\n{issuer_cfg}',
+            encoding="utf-8",
+        )
+        self.server = ServerProcess([sys.executable, "-m", "switch.cli", "serve", "--config", str(config)],
+                                    SWITCH_READY)
+        return self.server.start(timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        code = self.server.stop(timeout) if self.server else None
+        for p in self.issuer_procs:
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        return code
+
+
 def echo_process(mode: str) -> ServerProcess:
     return ServerProcess([sys.executable, "-m", "bench.echo_server", "--mode", mode, "--port", "0"], ECHO_READY)
 

@@ -38,7 +38,15 @@ from typing import Any
 
 import anyio
 
-from bench.harness import Books, ServerProcess, check_books, echo_process, onboard_terminals, switch_process
+from bench.harness import (
+    Books,
+    ServerProcess,
+    SwitchWithIssuers,
+    check_books,
+    echo_process,
+    onboard_terminals,
+    switch_process,
+)
 from bench.report import final_line, plots, summary_markdown
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -132,8 +140,8 @@ class Bench:
 
     async def switch_phases(self) -> None:
         data_dir = self.work / "data"
-        server = switch_process(data_dir)
-        port, metrics_port = server.start()
+        server: Any = SwitchWithIssuers(data_dir) if self.args.separate_issuers else switch_process(data_dir)
+        port, metrics_port = server.start()[:2]
         self.metrics_port = metrics_port
         assert server.proc is not None
         self.switch_pid = server.proc.pid
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=float, default=None,
                    help="with --full: seconds of open-loop load watching the switch's RSS (default 300)")
     p.add_argument("--terminals", type=int, default=64)
+    p.add_argument("--demo-issuers", dest="separate_issuers", action="store_false",
+                   help="run the mock issuers inside the switch's process (switch demo) instead of their own")
     p.add_argument("--max-requests", type=int, default=2_000_000)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
