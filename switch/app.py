@@ -124,6 +124,15 @@ async def run_switch(
             settings=Settings(issuer_timeout=cfg.issuer_timeout),
             wallet_routes=wallet_routes,
         )
+        if cfg.store_dsn.startswith(("postgresql://", "postgres://")):
+            # several processes may share this database: the database arbitrates the limit
+            import psycopg
+
+            from switch.pipeline.limits import DatabaseLimits
+
+            dsn = cfg.store_dsn
+            state.limits = DatabaseLimits(lambda: psycopg.connect(dsn, autocommit=True),
+                                          stale_after=max(60.0, cfg.issuer_timeout * 6))
         state.limits.load(store)
         saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf

@@ -32,7 +32,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -141,6 +141,17 @@ MIGRATIONS: list[str] = [
         expires REAL NOT NULL
     );
     CREATE INDEX IF NOT EXISTS portal_sessions_expires ON portal_sessions(expires);
+    """,
+    # v6: monthly-limit usage and reservations arbitrated by the database (several processes)
+    """
+    CREATE TABLE limit_usage (
+        mid TEXT NOT NULL, month TEXT NOT NULL, used_fen INTEGER NOT NULL, PRIMARY KEY (mid, month)
+    );
+    CREATE TABLE limit_reservations (
+        id TEXT PRIMARY KEY, mid TEXT NOT NULL, month TEXT NOT NULL, fen INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX limit_reservations_mid ON limit_reservations(mid, month);
     """,
 ]
 

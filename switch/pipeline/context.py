@@ -20,7 +20,7 @@ from switch.domain.codes import ResultCode
 from switch.domain.model import Merchant, Terminal
 from switch.ports import IssuerLink, Metrics
 
-from switch.pipeline.limits import MonthlyLimits
+from switch.pipeline.limits import DatabaseLimits, MonthlyLimits
 
 if TYPE_CHECKING:
     from switch.adapters.sqlite_store import Op, SqliteStore
@@ -62,7 +62,7 @@ class SwitchState:
     # one lock per original journal row: voids, refunds, completions and reversals of the same
     # original are serialised from the read of its state to the commit of the change
     original_locks: dict[int, anyio.Lock] = field(default_factory=dict)
-    limits: MonthlyLimits = field(default_factory=MonthlyLimits)
+    limits: MonthlyLimits | DatabaseLimits = field(default_factory=MonthlyLimits)
     activation_guard: ActivationGuard = field(default_factory=lambda: _activation_guard())
 
     def lock_for(self, row_id: int) -> anyio.Lock:
@@ -131,7 +131,7 @@ class Context:
     # monthly limit (§13): headroom reserved by this request, and committed usage changes of
     # earlier rows (voids, reversals), both applied once the journal row is durable
     intents: list[str] = field(default_factory=list)  # write-ahead reversal intents (saf.py)
-    limit_reservation: tuple[str, str, int] | None = None
+    limit_reservation: tuple[str, str, int, str] | None = None
     limit_deltas: list[tuple[str, str, int]] = field(default_factory=list)
 
     def decline(self, rc: ResultCode, note: str | None = None) -> None:

@@ -50,11 +50,12 @@ def reserve_limit(state: SwitchState, ctx: Context) -> bool:
         return True
     assert merchant is not None
     month = limits.month_of(ctx.business_date)
-    if not state.limits.reserve(merchant.mid, month, ctx.amount_fen, merchant.monthly_limit_fen):
+    reservation = state.limits.reserve(merchant.mid, month, ctx.amount_fen, merchant.monthly_limit_fen)
+    if reservation is None:
         state.metrics.limit_rejection()
         ctx.decline(ResultCode.EXCEEDS_LIMIT, "exceeds the merchant's monthly limit")
         return False
-    ctx.limit_reservation = (merchant.mid, month, ctx.amount_fen)
+    ctx.limit_reservation = reservation
     return True
 
 

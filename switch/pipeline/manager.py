@@ -132,7 +132,7 @@ class TransactionManager:
             # that its journal row is durable (or the attempt failed and nothing was answered)
             await ctx.held.aclose()
             if ctx.limit_reservation is not None:  # not committed: free the headroom
-                state.limits.settle(*ctx.limit_reservation, approved=False)
+                state.limits.release(ctx.limit_reservation)
             duplicates.finish(state, ctx, data)
             state.metrics.in_flight(-1)
 
@@ -350,16 +350,15 @@ class TransactionManager:
             assert outbox is not None
             # the merchant's notification is queued in the same commit; delivery never waits here
             ops.append(outbox.op_enqueue(entry.mid, event_from_journal(entry)))
+        limits = self.state.limits
+        approved = entry.state == "approved"
+        ops.extend(limits.commit_ops(ctx.limit_reservation, approved, ctx.limit_deltas))
         await store.write(*ops, store.op_journal(entry))
         if notify:
             assert outbox is not None
             outbox.wake()
-        limits = self.state.limits
-        if ctx.limit_reservation is not None:
-            limits.settle(*ctx.limit_reservation, approved=entry.state == "approved")
-            ctx.limit_reservation = None
-        for mid, month, delta in ctx.limit_deltas:
-            limits.adjust(mid, month, delta)
+        limits.committed(ctx.limit_reservation, approved, ctx.limit_deltas)
+        ctx.limit_reservation = None
         for callback in ctx.after_commit:
             callback()
 

@@ -1,0 +1,86 @@
+"""Two switch processes on one PostgreSQL: two terminals of the same merchant, each served by its
+own process, race for the last monthly-limit headroom (§13). The database arbitrates: exactly one
+purchase is approved, the other gets 61, and the usage the database keeps is the approved amount.
+(Other per-process state is listed in specs/decisions.md "Storage".)"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import anyio
+import psycopg
+import pytest
+
+from switch.adapters.pg_store import open_store_for
+from switch.app import load_master_key, seed_demo
+from switch.demo_fixture import TERMINALS_BY_TID
+from switch.pos.client import TerminalClient
+
+from procs import free_port, reap, spawn, wait_port
+from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.postgres]
+
+CARD = "6222029375642931684"
+M1 = "898310048990001"
+
+
+def config(path: Path, data: Path, dsn: str, icbc: int) -> int:
+    port = free_port()
+    path.write_text(
+        f'[switch]\nport = {port}\nmetrics_port = {free_port()}\nadmin_port = 0\nportal_port = 0\n'
+        f'data_dir = "{data}"\nlog_format = "text"\n[store]\ndsn = "{dsn}"\n'
+        f'[[issuers]]\nname = "ICBC"\nport = {icbc}\nprefixes = ["622202"]\n',
+        encoding="utf-8",
+    )
+    return port
+
+
+async def test_two_processes_race_for_the_last_headroom(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
+    store = open_store_for(pg_database, load_master_key(tmp_path, create=True))
+    try:
+        seed_demo(store)
+    finally:
+        store.close()
+    with psycopg.connect(pg_database, autocommit=True) as db:
+        db.execute("UPDATE merchants SET monthly_limit_fen = 10000 WHERE mid = %s", (M1,))
+    icbc = free_port()
+    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, pg_database, icbc) for i in (0, 1)]
+    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
+    procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
+    try:
+        wait_port(icbc)
+        for p in ports:
+            wait_port(p)
+        terms = []
+        for tid, port, stan in (("10000001", ports[0], 1), ("10000002", ports[1], 50_001)):
+            t = TERMINALS_BY_TID[tid]
+            c = TerminalClient("127.0.0.1", port, tid, t.mid, bytes.fromhex(t.tmk_hex or ""))
+            c.next_stan = stan
+            terms.append(c)
+        codes: list[str] = []
+        for _ in range(3):  # three races; from the second on the usage is reset to 4000 before it
+            with psycopg.connect(pg_database, autocommit=True) as db:
+                db.execute("UPDATE limit_usage SET used_fen = 4000 WHERE mid = %s", (M1,))
+            got: list[str] = []
+
+            async def buy(c: TerminalClient) -> None:
+                async with c.connect():
+                    if c.keys is None:
+                        assert (await c.sign_on("003")).code == "00"
+                    got.append((await c.consume(CARD, 6000, pin="123456", expiry="3012")).code)
+
+            async with anyio.create_task_group() as tg:
+                for c in terms:
+                    tg.start_soon(buy, c)
+            codes.extend(got)
+            assert sorted(got) == ["00", "61"], got
+        with psycopg.connect(pg_database) as db:
+            used = db.execute("SELECT used_fen FROM limit_usage WHERE mid = %s", (M1,)).fetchone()[0]
+            pending = db.execute("SELECT COUNT(*) FROM limit_reservations").fetchone()[0]
+        assert used == 10000 and pending == 0
+    finally:
+        errs = [reap(p) for p in reversed(procs)]
+    for err in errs:
+        assert b"Traceback" not in err, err.decode()[-1500:]
