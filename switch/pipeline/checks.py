@@ -14,6 +14,7 @@ from switch.crypto.mac import verify_mac
 from switch.crypto.track import TrackError, decrypt_track
 from switch.domain.cards import expiry_from_track2, luhn_ok, pan_from_track2
 from switch.domain.codes import ResultCode
+from switch.domain.model import Terminal
 from switch.pipeline.context import Context, SwitchState
 
 
@@ -57,6 +58,8 @@ def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
         return
     assert terminal is not None
     if not terminal.signed_on:
+        refresh_terminal(state, terminal)  # another process sharing the store may have signed it on
+    if not terminal.signed_on:
         ctx.decline(ResultCode.SIGN_ON_FIRST, "not signed on")
         return
     if not txn.mac:
@@ -65,6 +68,10 @@ def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
     assert terminal.mak is not None
     if isinstance(f64, bytes) and verify_mac(terminal.mak, ctx.request.mab, f64):
         terminal.mac_failures.clear()
+        return
+    if isinstance(f64, bytes) and refresh_terminal(state, terminal) and terminal.mak is not None \
+            and verify_mac(terminal.mak, ctx.request.mab, f64):
+        terminal.mac_failures.clear()  # the keys of a sign-on another process served
         return
     state.metrics.mac_failure()
     now = time.monotonic()
@@ -79,6 +86,25 @@ def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
         ctx.ops.append(("terminal_keys", terminal))
 
 
+def refresh_terminal(state: SwitchState, terminal: Terminal) -> bool:
+    """Re-read a terminal's working keys and batch from the store (only on the paths where a
+    request does not match what this process holds: several processes may share one store).
+    True when something changed."""
+    store = state.store
+    if store is None:
+        return False
+    fresh = store.load_terminals("tid = ?", (terminal.tid,), reader=True).get(terminal.tid)
+    if fresh is None:
+        return False
+    before = (terminal.key_mode, terminal.pik, terminal.mak, terminal.tdk, terminal.batch_no, terminal.batch_date)
+    after = (fresh.key_mode, fresh.pik, fresh.mak, fresh.tdk, fresh.batch_no, fresh.batch_date)
+    if before == after:
+        return False
+    terminal.key_mode, terminal.pik, terminal.mak, terminal.tdk = fresh.key_mode, fresh.pik, fresh.mak, fresh.tdk
+    terminal.batch_no, terminal.batch_date = fresh.batch_no, fresh.batch_date
+    return True
+
+
 def check_batch_and_day(state: SwitchState, ctx: Context) -> None:
     """Step 6: 0100/0200/0220 must use the open batch, and that batch must not be from an
     earlier business day (77: settle and sign on, §9.6)."""
@@ -86,6 +112,8 @@ def check_batch_and_day(state: SwitchState, ctx: Context) -> None:
         return
     terminal = ctx.terminal
     assert terminal is not None
+    if ctx.f60 is not None and ctx.f60.batch != terminal.batch:
+        refresh_terminal(state, terminal)  # a settlement another process served moves the batch
     if ctx.f60 is None or ctx.f60.batch != terminal.batch:
         ctx.decline(ResultCode.SIGN_ON_FIRST, "batch is not the terminal's open batch")
         return

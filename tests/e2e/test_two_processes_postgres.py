@@ -84,3 +84,36 @@ async def test_two_processes_race_for_the_last_headroom(tmp_path: Path, pg_datab
         errs = [reap(p) for p in reversed(procs)]
     for err in errs:
         assert b"Traceback" not in err, err.decode()[-1500:]
+
+
+async def test_a_terminal_moving_between_processes_keeps_its_keys(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
+    """One-shot connections behind a load balancer land on either process: a sign-on served by
+    one process gives keys the other one learns from the database (on the MAC that does not match
+    what it holds), so the terminal's purchases are approved wherever they land."""
+    store = open_store_for(pg_database, load_master_key(tmp_path, create=True))
+    try:
+        seed_demo(store)
+    finally:
+        store.close()
+    icbc = free_port()
+    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, pg_database, icbc) for i in (0, 1)]
+    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
+    procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
+    try:
+        wait_port(icbc)
+        for p in ports:
+            wait_port(p)
+        t = TERMINALS_BY_TID["10000001"]
+        term = TerminalClient("127.0.0.1", ports[0], t.tid, t.mid, bytes.fromhex(t.tmk_hex or ""))
+        for sign_on_at, buy_at in ((0, 1), (1, 0), (0, 0), (1, 1)):
+            term.port = ports[sign_on_at]
+            async with term.connect():
+                assert (await term.sign_on("003")).code == "00"
+            term.port = ports[buy_at]
+            async with term.connect():
+                r = await term.consume(CARD, 100, pin="123456", expiry="3012")
+            assert (r.code, r.mac_ok) == ("00", True), (sign_on_at, buy_at, r.code)
+    finally:
+        errs = [reap(p) for p in reversed(procs)]
+    for err in errs:
+        assert b"Traceback" not in err, err.decode()[-1500:]
