@@ -133,6 +133,10 @@ async def run_switch(
             dsn = cfg.store_dsn
             state.limits = DatabaseLimits(lambda: psycopg.connect(dsn, autocommit=True),
                                           stale_after=max(60.0, cfg.issuer_timeout * 6))
+            from switch.pipeline.duplicates import DatabaseClaims
+
+            state.dup_claims = DatabaseClaims(lambda: psycopg.connect(dsn, autocommit=True),
+                                              stale_after=max(60.0, cfg.issuer_timeout * 6))
         state.limits.load(store)
         saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf

@@ -32,7 +32,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -152,6 +152,10 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     CREATE INDEX limit_reservations_mid ON limit_reservations(mid, month);
+    """,
+    # v7: claims on duplicate keys (several processes: the first claim processes the request)
+    """
+    CREATE TABLE dup_claims (dup_key TEXT PRIMARY KEY, digest TEXT NOT NULL, created_at REAL NOT NULL);
     """,
 ]
 

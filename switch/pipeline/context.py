@@ -25,6 +25,7 @@ from switch.pipeline.limits import DatabaseLimits, MonthlyLimits
 if TYPE_CHECKING:
     from switch.adapters.sqlite_store import Op, SqliteStore
     from switch.adapters.webhooks import WebhookOutbox
+    from switch.pipeline.duplicates import DatabaseClaims
     from switch.pipeline.activation import ActivationGuard
     from switch.pipeline.saf import StoreAndForward
 
@@ -63,6 +64,7 @@ class SwitchState:
     # original are serialised from the read of its state to the commit of the change
     original_locks: dict[int, anyio.Lock] = field(default_factory=dict)
     limits: MonthlyLimits | DatabaseLimits = field(default_factory=MonthlyLimits)
+    dup_claims: DatabaseClaims | None = None  # several processes on one PostgreSQL (duplicates.py)
     activation_guard: ActivationGuard = field(default_factory=lambda: _activation_guard())
 
     def lock_for(self, row_id: int) -> anyio.Lock:
@@ -74,6 +76,7 @@ class SwitchState:
 
 def _activation_guard() -> ActivationGuard:
     from switch.adapters.webhooks import WebhookOutbox
+    from switch.pipeline.duplicates import DatabaseClaims
     from switch.pipeline.activation import ActivationGuard
 
     return ActivationGuard()
@@ -122,6 +125,7 @@ class Context:
     held: AsyncExitStack = field(default_factory=AsyncExitStack)
     # §11 duplicates
     dup_key: str | None = None
+    claimed: bool = False  # the key is claimed in the database (released with the journal row)
     digest: str | None = None
     resend: bytes | None = None
     # the original a void / refund / completion / reversal refers to (a journal row)

@@ -10,6 +10,8 @@ committed, so a copy always finds it either there or in the journal.
 from __future__ import annotations
 
 import hashlib
+import time
+from typing import TYPE_CHECKING, Any, Callable
 
 import anyio
 
@@ -17,6 +19,9 @@ from switch.core.framing import ENVELOPE_LEN, TPDU_LEN, response_header
 from switch.crypto.working_keys import KeyCheckError, parse_f62
 from switch.domain.codes import ResultCode
 from switch.pipeline.context import Context, InFlight, SwitchState
+
+if TYPE_CHECKING:
+    from switch.adapters.sqlite_store import Op
 
 WAIT_LIMIT = 120.0  # a copy never waits longer than this for the first (bounded by issuer timeouts)
 
@@ -57,25 +62,100 @@ async def check_duplicate(state: SwitchState, ctx: Context) -> None:
             ctx.decline(ResultCode.SYSTEM_ERROR, "duplicate still in flight")
             return
         # the first one failed without an answer: look again
+    if _answered(state, ctx, key, digest):
+        return
+    claims = state.dup_claims
+    if claims is not None:
+        # several processes share the store: the first to claim the key processes the request,
+        # a copy on another process waits for its journal row (bounded), as a local copy would
+        deadline = anyio.current_time() + WAIT_LIMIT
+        while True:
+            holder = claims.claim(key, digest)
+            if holder is None:
+                break  # ours
+            if holder != digest:
+                _clash(state, ctx)
+                return
+            await anyio.sleep(0.02)
+            if _answered(state, ctx, key, digest):
+                return
+            if anyio.current_time() > deadline:
+                ctx.decline(ResultCode.SYSTEM_ERROR, "duplicate still in flight on another process")
+                return
+        ctx.claimed = True
+    state.inflight[key] = InFlight(digest)
+    ctx.dup_key = key
+
+
+def _answered(state: SwitchState, ctx: Context, key: str, digest: str) -> bool:
+    """The journal already holds the answer to this key: resend it, or 94 for other bytes."""
     assert state.store is not None
     rows = state.store.query(
         "SELECT request_digest, response_blob FROM journal WHERE dup_key = ? ORDER BY id LIMIT 1", (key,)
     )
-    if rows:
-        row = rows[0]
-        if row["request_digest"] != digest or row["response_blob"] is None:
-            _clash(state, ctx)
-            return
+    if not rows:
+        return False
+    row = rows[0]
+    if row["request_digest"] != digest or row["response_blob"] is None:
+        _clash(state, ctx)
+    else:
         _resend(state, ctx, state.store.unwrap_response(row["response_blob"], key), key)
-        return
-    state.inflight[key] = InFlight(digest)
-    ctx.dup_key = key
+    return True
+
+
+class DatabaseClaims:
+    """Claims on duplicate keys in the database, for several processes on one PostgreSQL: a key is
+    claimed (with the request's digest) before the request is processed and released in the
+    request's journal commit; a claim older than ``stale_after`` (a crashed process's) is taken over."""
+
+    def __init__(self, connect: Callable[[], Any], stale_after: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._connect = connect
+        self._conn: Any = None
+        self.stale_after = stale_after
+        self.clock = clock
+
+    def _db(self) -> Any:
+        if self._conn is None or getattr(self._conn, "closed", False):
+            self._conn = self._connect()
+        return self._conn
+
+    def claim(self, key: str, digest: str) -> str | None:
+        """None when the key is now ours; else the digest of the request holding it."""
+        conn = self._db()
+        now = self.clock()
+        with conn.transaction():
+            conn.execute("DELETE FROM dup_claims WHERE dup_key = %s AND created_at < %s",
+                         (key, now - self.stale_after))
+            got = conn.execute(
+                "INSERT INTO dup_claims (dup_key, digest, created_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING 1", (key, digest, now),
+            ).fetchone()
+            if got is not None:
+                return None
+            row = conn.execute("SELECT digest FROM dup_claims WHERE dup_key = %s", (key,)).fetchone()
+        return str(row[0]) if row else ""
+
+    @staticmethod
+    def op_release(key: str) -> Op:
+        def op(db: Any) -> None:
+            db.execute("DELETE FROM dup_claims WHERE dup_key = ?", (key,))
+
+        return op
+
+    def release(self, key: str) -> None:
+        try:
+            self._db().execute("DELETE FROM dup_claims WHERE dup_key = %s", (key,))
+        except Exception:  # it goes stale and is taken over anyway
+            pass
 
 
 def finish(state: SwitchState, ctx: Context, response: bytes | None) -> None:
     """After the journal commit: release copies waiting on this request."""
     if ctx.dup_key is None:
         return
+    if ctx.claimed and response is None and state.dup_claims is not None:
+        state.dup_claims.release(ctx.dup_key)  # no journal commit released it
     entry = state.inflight.pop(ctx.dup_key, None)
     if entry is not None:
         entry.response = response

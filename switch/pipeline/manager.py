@@ -353,6 +353,8 @@ class TransactionManager:
         limits = self.state.limits
         approved = entry.state == "approved"
         ops.extend(limits.commit_ops(ctx.limit_reservation, approved, ctx.limit_deltas))
+        if ctx.claimed and ctx.dup_key is not None and self.state.dup_claims is not None:
+            ops.append(self.state.dup_claims.op_release(ctx.dup_key))  # the journal row answers now
         await store.write(*ops, store.op_journal(entry))
         if notify:
             assert outbox is not None

@@ -117,3 +117,53 @@ async def test_a_terminal_moving_between_processes_keeps_its_keys(tmp_path: Path
         errs = [reap(p) for p in reversed(procs)]
     for err in errs:
         assert b"Traceback" not in err, err.decode()[-1500:]
+
+
+async def test_a_request_sent_to_both_processes_reaches_the_issuer_once(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
+    """§11 across processes: the same bytes arriving at two processes at once (a terminal retrying
+    through the load balancer) are processed once — one issuer debit, the same answer twice — and
+    other bytes under the same key get 94."""
+    store = open_store_for(pg_database, load_master_key(tmp_path, create=True))
+    try:
+        seed_demo(store)
+    finally:
+        store.close()
+    icbc = free_port()
+    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, pg_database, icbc) for i in (0, 1)]
+    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
+    procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
+    try:
+        wait_port(icbc)
+        for p in ports:
+            wait_port(p)
+        t = TERMINALS_BY_TID["10000001"]
+        term = TerminalClient("127.0.0.1", ports[0], t.tid, t.mid, bytes.fromhex(t.tmk_hex or ""))
+        async with term.connect():
+            assert (await term.sign_on("003")).code == "00"
+            before = await term.balance(CARD, pin="123456", expiry="3012")
+        fields = term.card_fields(processing_code="000000", type_code="22", card=CARD, amount_fen=777,
+                                  pin="123456", expiry="3012")
+        frame, _ = term.build_frame("0200", fields, mac=True)
+        answers: list[bytes] = []
+
+        async def send_to(port: int) -> None:
+            c = TerminalClient("127.0.0.1", port, t.tid, t.mid, bytes.fromhex(t.tmk_hex or ""))
+            async with c.connect():
+                r = await c.send_raw(frame)
+            assert r is not None
+            answers.append(r.raw)
+
+        async with anyio.create_task_group() as tg:
+            for port in ports:
+                tg.start_soon(send_to, port)
+        assert len(answers) == 2 and answers[0] == answers[1]
+        other, _ = term.build_frame("0200", {**fields, 4: "000000000778"}, mac=True)
+        async with term.connect():
+            clash = await term.send_raw(other)
+            after = await term.balance(CARD, pin="123456", expiry="3012")
+        assert clash is not None and clash.code == "94"
+        assert int(str(before.fields[54])[8:]) - int(str(after.fields[54])[8:]) == 777  # debited once
+    finally:
+        errs = [reap(p) for p in reversed(procs)]
+    for err in errs:
+        assert b"Traceback" not in err, err.decode()[-1500:]
