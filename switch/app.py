@@ -137,6 +137,9 @@ async def run_switch(
 
             state.dup_claims = DatabaseClaims(lambda: psycopg.connect(dsn, autocommit=True),
                                               stale_after=max(60.0, cfg.issuer_timeout * 6))
+            from switch.pipeline.originals import AdvisoryRowLocks
+
+            state.row_locker = AdvisoryRowLocks(lambda: psycopg.connect(dsn, autocommit=True))
         state.limits.load(store)
         saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf

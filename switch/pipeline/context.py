@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from switch.adapters.sqlite_store import Op, SqliteStore
     from switch.adapters.webhooks import WebhookOutbox
     from switch.pipeline.duplicates import DatabaseClaims
+    from switch.pipeline.originals import AdvisoryRowLocks
     from switch.pipeline.activation import ActivationGuard
     from switch.pipeline.saf import StoreAndForward
 
@@ -65,6 +66,7 @@ class SwitchState:
     original_locks: dict[int, anyio.Lock] = field(default_factory=dict)
     limits: MonthlyLimits | DatabaseLimits = field(default_factory=MonthlyLimits)
     dup_claims: DatabaseClaims | None = None  # several processes on one PostgreSQL (duplicates.py)
+    row_locker: AdvisoryRowLocks | None = None  # several processes on one PostgreSQL (originals.py)
     activation_guard: ActivationGuard = field(default_factory=lambda: _activation_guard())
 
     def lock_for(self, row_id: int) -> anyio.Lock:
@@ -77,6 +79,7 @@ class SwitchState:
 def _activation_guard() -> ActivationGuard:
     from switch.adapters.webhooks import WebhookOutbox
     from switch.pipeline.duplicates import DatabaseClaims
+    from switch.pipeline.originals import AdvisoryRowLocks
     from switch.pipeline.activation import ActivationGuard
 
     return ActivationGuard()

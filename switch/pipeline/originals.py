@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
+
+import anyio
+import anyio.to_thread
 
 from switch.pipeline import limits
 from switch.pipeline.context import Context, SwitchState
@@ -61,8 +64,12 @@ def by_id(state: SwitchState, row_id: int) -> Row:
 
 
 async def hold(state: SwitchState, ctx: Context, row: Row) -> Row:
-    """Lock the original until this request's journal row is committed; return it re-read."""
+    """Lock the original until this request's journal row is committed; return it re-read.
+    Several processes on one PostgreSQL also take a database advisory lock on the row."""
     await ctx.held.enter_async_context(state.lock_for(int(row["id"])))
+    if state.row_locker is not None:
+        release = await anyio.to_thread.run_sync(state.row_locker.acquire, int(row["id"]))
+        ctx.held.push_async_callback(anyio.to_thread.run_sync, release)
     fresh = by_id(state, int(row["id"]))
     ctx.original = fresh
     return fresh
@@ -109,3 +116,25 @@ def set_state(ctx: Context, row: Row, new_state: str) -> None:
 
 def set_state_by_id(state: SwitchState, ctx: Context, row_id: int, new_state: str) -> None:
     set_state(ctx, by_id(state, row_id), new_state)
+
+
+class AdvisoryRowLocks:
+    """Database advisory locks on journal rows, for several processes on one PostgreSQL: each held
+    lock has its own session (a connection), released when the request's journal row committed."""
+
+    LOCK_SPACE = 8583  # pg_advisory_lock(int, int): our key space, then the row id
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+
+    def acquire(self, row_id: int) -> Callable[[], None]:
+        conn = self._connect()
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", (self.LOCK_SPACE, row_id))
+
+        def release() -> None:
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self.LOCK_SPACE, row_id))
+            finally:
+                conn.close()
+
+        return release

@@ -167,3 +167,4 @@ async def test_a_request_sent_to_both_processes_reaches_the_issuer_once(tmp_path
         errs = [reap(p) for p in reversed(procs)]
     for err in errs:
         assert b"Traceback" not in err, err.decode()[-1500:]
+

@@ -196,3 +196,22 @@ async def test_a_batch_from_an_earlier_day_must_be_settled_first(harness: Harnes
     assert r.code == "00"
     await harness.sign_on(t)
     assert (await consume(harness, t, 100)).code == "00"
+
+
+async def test_an_original_is_also_locked_through_the_row_locker(harness: Harness) -> None:
+    """With several processes (PostgreSQL) originals are locked in the database too: the void takes
+    the lock on its original's row and releases it after its journal commit."""
+    events: list[tuple[str, int]] = []
+
+    class Recorder:
+        def acquire(self, row_id: int):  # type: ignore[no-untyped-def]
+            events.append(("acquire", row_id))
+            committed = len(harness.journal())
+            return lambda: events.append(("release", len(harness.journal()) - committed))
+
+    harness.state.row_locker = Recorder()  # type: ignore[assignment]
+    t = await harness.ready()
+    sale = await consume(harness, t, 300)
+    assert (await void(harness, t, sale, 300)).code == "00"
+    original_id = next(r["id"] for r in harness.journal() if r["rrn"] == sale.fields[37])
+    assert events == [("acquire", original_id), ("release", 1)]  # released after the void's row committed
