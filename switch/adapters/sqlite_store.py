@@ -32,7 +32,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -156,6 +156,10 @@ MIGRATIONS: list[str] = [
     # v7: claims on duplicate keys (several processes: the first claim processes the request)
     """
     CREATE TABLE dup_claims (dup_key TEXT PRIMARY KEY, digest TEXT NOT NULL, created_at REAL NOT NULL);
+    """,
+    # v8: store-and-forward rows are claimed by the worker that sends them (several processes)
+    """
+    ALTER TABLE saf_queue ADD COLUMN claimed_until REAL;
     """,
 ]
 

@@ -170,6 +170,8 @@ class StoreAndForward:
                 continue
             self._busy.add(row["id"])
             try:
+                if not await self._claim(int(row["id"])):
+                    continue  # another process is sending it
                 await self._attempt(issuer, row)
             except StoreError:
                 # the outcome could not be recorded (the store is closing or failing): the row is
@@ -178,6 +180,23 @@ class StoreAndForward:
                 return
             finally:
                 self._busy.discard(row["id"])
+
+    async def _claim(self, row_id: int) -> bool:
+        """Take the row for one attempt (several processes may share the queue): a conditional
+        update that only one worker can win until the claim expires (attempt timeout + margin)."""
+        now = self.clock()
+        won: list[int] = []
+
+        def op(db: sqlite3.Connection) -> None:
+            cur = db.execute(
+                "UPDATE saf_queue SET claimed_until = ? WHERE id = ? AND state = 'pending'"
+                " AND (claimed_until IS NULL OR claimed_until < ?)",
+                (now + self.timeout + 5.0, row_id, now),
+            )
+            won.append(cur.rowcount)
+
+        await self.store.write(op)
+        return bool(won and won[0] == 1)
 
     async def _attempt(self, issuer: str, row: dict[str, Any]) -> None:
         fields = decode_fields(self.store.master_key.unwrap(row["fields"], f"saf:{issuer}"))
@@ -224,7 +243,8 @@ class StoreAndForward:
     def _op_finish(row_id: int, state: str, attempts: int, code: str | None, now: float) -> Op:
         def op(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE saf_queue SET state=?, attempts=?, last_response=?, done_at=? WHERE id=?",
+                "UPDATE saf_queue SET state=?, attempts=?, last_response=?, done_at=?, claimed_until=NULL"
+                " WHERE id=?",
                 (state, attempts, code, now, row_id),
             )
 
@@ -234,7 +254,7 @@ class StoreAndForward:
     def _op_retry(row_id: int, attempts: int, last: str, next_attempt: float) -> Op:
         def op(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE saf_queue SET attempts=?, last_response=?, next_attempt=? WHERE id=?",
+                "UPDATE saf_queue SET attempts=?, last_response=?, next_attempt=?, claimed_until=NULL WHERE id=?",
                 (attempts, last, next_attempt, row_id),
             )
 
