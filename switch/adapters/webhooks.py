@@ -296,9 +296,28 @@ class WebhookOutbox:
         )
         return float(rows[0]["t"]) if rows and rows[0]["t"] is not None else None
 
+    async def _claim(self, row: dict[str, Any]) -> bool:
+        """Take the event for one attempt (several switch processes may share the outbox): move its
+        next attempt past this one's timeout, on the condition that it is still due — only one
+        worker wins; the attempt's outcome sets the real next attempt."""
+        now = self.clock()
+        won: list[int] = []
+
+        def op(db: Any) -> None:
+            cur = db.execute(
+                "UPDATE outbox SET next_attempt = ? WHERE id = ? AND state = 'pending' AND next_attempt = ?",
+                (now + self.timeout + 5.0, int(row["id"]), row["next_attempt"]),
+            )
+            won.append(cur.rowcount)
+
+        await self.store.write(op)
+        return bool(won and won[0] == 1)
+
     async def _deliver_row(self, row: dict[str, Any], wake_after: bool) -> None:
         try:
             async with self._limiter:
+                if not await self._claim(row):
+                    return  # another process is posting it
                 await self._attempt(row)
         except StoreError:  # the outcome was not recorded: the event stays due (at least once)
             log.exception("webhook outbox #%s: could not record the attempt", row["id"])

@@ -490,3 +490,20 @@ async def test_events_survive_a_restart(db_path: Path, store: SqliteStore) -> No
         assert json.loads(rx.requests[0].body)["amount_fen"] == 500
     finally:
         again.close()
+
+
+@pytest.mark.anyio
+async def test_two_outboxes_on_one_queue_post_an_event_once(store: SqliteStore) -> None:
+    """Two switch processes share the outbox: each event is claimed before it is posted, so the
+    merchant gets it once."""
+    async with receiver() as rx, running_writer(store):
+        set_webhook(store, MID, rx.url)
+        a, b = WebhookOutbox(store), WebhookOutbox(store)
+        a.refresh()
+        b.refresh()
+        await store.write(a.op_enqueue(MID, txn_event()))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.deliver_due)
+            tg.start_soon(b.deliver_due)
+        (row,) = await wait_for_state(store, "delivered")
+    assert len(rx.requests) == 1 and row["attempts"] == 1
