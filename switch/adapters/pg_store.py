@@ -263,27 +263,7 @@ class PostgresStore(SqliteStore):
         db.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))  # another process may be migrating
         try:
             has_meta = db.execute("SELECT to_regclass('meta')").fetchone()[0] is not None
-            version = 0
-            if has_meta:
-                row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store schema version {version} is newer than this switch ({SCHEMA_VERSION}); upgrade the switch"
-                )
-            for v in range(version, SCHEMA_VERSION):
-                db.execute("BEGIN")
-                try:
-                    for stmt in PG_MIGRATIONS[v].split(";"):
-                        if stmt.strip():
-                            db.execute(stmt)
-                    db.execute(
-                        "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (str(v + 1),)
-                    )
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+            self._apply_migrations(has_meta, PG_MIGRATIONS)
         finally:
             db.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
 

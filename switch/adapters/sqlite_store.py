@@ -286,10 +286,15 @@ class SqliteStore:
         return self._db
 
     def _migrate(self) -> None:
-        db = self.db
-        has_meta = db.execute(
+        has_meta = self.db.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
         ).fetchone()
+        self._apply_migrations(bool(has_meta), MIGRATIONS)
+
+    def _apply_migrations(self, has_meta: bool, migrations: list[str]) -> None:
+        """Bring the schema to SCHEMA_VERSION, one transaction per version; refuse a newer one.
+        Shared by the PostgreSQL store (its DDL is generated from the same list)."""
+        db = self.db
         version = 0
         if has_meta:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -301,7 +306,7 @@ class SqliteStore:
         for v in range(version, SCHEMA_VERSION):
             db.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in MIGRATIONS[v].split(";"):
+                for stmt in migrations[v].split(";"):
                     if stmt.strip():
                         db.execute(stmt)
                 db.execute(

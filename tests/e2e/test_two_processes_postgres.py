@@ -6,6 +6,8 @@ purchase is approved, the other gets 61, and the usage the database keeps is the
 from __future__ import annotations
 
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -37,22 +39,35 @@ def config(path: Path, data: Path, dsn: str, icbc: int) -> int:
     return port
 
 
-async def test_two_processes_race_for_the_last_headroom(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
-    store = open_store_for(pg_database, load_master_key(tmp_path, create=True))
+@asynccontextmanager
+async def two_switches(tmp_path: Path, dsn: str, *, limit_fen: int | None = None) -> AsyncIterator[list[int]]:
+    """ICBC and two `switch serve` processes on one seeded database; yields their terminal ports and
+    checks on the way out that neither process printed a traceback."""
+    store = open_store_for(dsn, load_master_key(tmp_path, create=True))
     try:
         seed_demo(store)
     finally:
         store.close()
-    with psycopg.connect(pg_database, autocommit=True) as db:
-        db.execute("UPDATE merchants SET monthly_limit_fen = 10000 WHERE mid = %s", (M1,))
+    if limit_fen is not None:
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute("UPDATE merchants SET monthly_limit_fen = %s WHERE mid = %s", (limit_fen, M1))
     icbc = free_port()
-    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, pg_database, icbc) for i in (0, 1)]
+    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, dsn, icbc) for i in (0, 1)]
     procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
     procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
     try:
         wait_port(icbc)
         for p in ports:
             wait_port(p)
+        yield ports
+    finally:
+        errs = [reap(p) for p in reversed(procs)]
+    for err in errs:
+        assert b"Traceback" not in err, err.decode()[-1500:]
+
+
+async def test_two_processes_race_for_the_last_headroom(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
+    async with two_switches(tmp_path, pg_database, limit_fen=10000) as ports:
         terms = []
         for tid, port, stan in (("10000001", ports[0], 1), ("10000002", ports[1], 50_001)):
             t = TERMINALS_BY_TID[tid]
@@ -80,29 +95,13 @@ async def test_two_processes_race_for_the_last_headroom(tmp_path: Path, pg_datab
             used = db.execute("SELECT used_fen FROM limit_usage WHERE mid = %s", (M1,)).fetchone()[0]
             pending = db.execute("SELECT COUNT(*) FROM limit_reservations").fetchone()[0]
         assert used == 10000 and pending == 0
-    finally:
-        errs = [reap(p) for p in reversed(procs)]
-    for err in errs:
-        assert b"Traceback" not in err, err.decode()[-1500:]
 
 
 async def test_a_terminal_moving_between_processes_keeps_its_keys(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
     """One-shot connections behind a load balancer land on either process: a sign-on served by
     one process gives keys the other one learns from the database (on the MAC that does not match
     what it holds), so the terminal's purchases are approved wherever they land."""
-    store = open_store_for(pg_database, load_master_key(tmp_path, create=True))
-    try:
-        seed_demo(store)
-    finally:
-        store.close()
-    icbc = free_port()
-    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, pg_database, icbc) for i in (0, 1)]
-    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
-    procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
-    try:
-        wait_port(icbc)
-        for p in ports:
-            wait_port(p)
+    async with two_switches(tmp_path, pg_database) as ports:
         t = TERMINALS_BY_TID["10000001"]
         term = TerminalClient("127.0.0.1", ports[0], t.tid, t.mid, bytes.fromhex(t.tmk_hex or ""))
         for sign_on_at, buy_at in ((0, 1), (1, 0), (0, 0), (1, 1)):
@@ -113,29 +112,13 @@ async def test_a_terminal_moving_between_processes_keeps_its_keys(tmp_path: Path
             async with term.connect():
                 r = await term.consume(CARD, 100, pin="123456", expiry="3012")
             assert (r.code, r.mac_ok) == ("00", True), (sign_on_at, buy_at, r.code)
-    finally:
-        errs = [reap(p) for p in reversed(procs)]
-    for err in errs:
-        assert b"Traceback" not in err, err.decode()[-1500:]
 
 
 async def test_a_request_sent_to_both_processes_reaches_the_issuer_once(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
     """§11 across processes: the same bytes arriving at two processes at once (a terminal retrying
     through the load balancer) are processed once — one issuer debit, the same answer twice — and
     other bytes under the same key get 94."""
-    store = open_store_for(pg_database, load_master_key(tmp_path, create=True))
-    try:
-        seed_demo(store)
-    finally:
-        store.close()
-    icbc = free_port()
-    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, pg_database, icbc) for i in (0, 1)]
-    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
-    procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
-    try:
-        wait_port(icbc)
-        for p in ports:
-            wait_port(p)
+    async with two_switches(tmp_path, pg_database) as ports:
         t = TERMINALS_BY_TID["10000001"]
         term = TerminalClient("127.0.0.1", ports[0], t.tid, t.mid, bytes.fromhex(t.tmk_hex or ""))
         async with term.connect():
@@ -163,8 +146,4 @@ async def test_a_request_sent_to_both_processes_reaches_the_issuer_once(tmp_path
             after = await term.balance(CARD, pin="123456", expiry="3012")
         assert clash is not None and clash.code == "94"
         assert int(str(before.fields[54])[8:]) - int(str(after.fields[54])[8:]) == 777  # debited once
-    finally:
-        errs = [reap(p) for p in reversed(procs)]
-    for err in errs:
-        assert b"Traceback" not in err, err.decode()[-1500:]
 
