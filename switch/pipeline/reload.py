@@ -46,7 +46,12 @@ def reload_changes(state: SwitchState, seen: int) -> int:
         if cur_t is None:
             state.terminals[tid] = t
             continue
-        cur_t.mid, cur_t.role, cur_t.main_tid, cur_t.state = t.mid, t.role, t.main_tid, t.state
+        cur_t.mid, cur_t.role, cur_t.main_tid = t.mid, t.role, t.main_tid
+        # Activation (awaiting -> active) is the switch's own one-way step, and its row is written
+        # by the group commit after memory changed: a row read in between still says awaiting.
+        # The back office never sends an active terminal back to awaiting (only to disabled).
+        if not (cur_t.state == "active" and t.state == "awaiting_activation"):
+            cur_t.state = t.state
         if t.tmk is not None and t.tmk != cur_t.tmk:  # an operator loaded a new TMK
             cur_t.tmk = t.tmk
     log.info("back-office changes up to #%d loaded", seq)

@@ -1,0 +1,49 @@
+"""Back-office changes picked up by a running switch (switch/pipeline/reload.py), against a real
+SQLite store: what the back office owns is taken from the store, what the switch owns is kept."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from switch.admin.onboarding import add_terminal, set_terminal_state
+from switch.pipeline.reload import reload_changes
+
+if TYPE_CHECKING:  # fixtures come from conftest.py; its classes are imported for typing only
+    from conftest import Harness
+
+pytestmark = pytest.mark.anyio
+
+MID = "898310058120002"  # §14 enterprise merchant M2, main terminal 20000001
+
+
+def _seq(h: Harness) -> int:
+    return int(h.store.query("SELECT value FROM meta WHERE key = 'change_seq'")[0]["value"])
+
+
+async def test_a_new_terminal_is_picked_up_awaiting_activation(harness: Harness) -> None:
+    seen = _seq(harness)
+    tid, _code = add_terminal(harness.store, mid=MID, role="secondary", main_tid="20000001", device_serial="SN-R1")
+    assert tid not in harness.state.terminals
+    assert reload_changes(harness.state, seen) > seen
+    assert harness.state.terminals[tid].state == "awaiting_activation"
+
+
+async def test_an_activation_not_yet_committed_is_not_undone_by_a_reload(harness: Harness) -> None:
+    # The race the bench hit: the back office adds a terminal, the switch activates it (memory
+    # first, the row at the next group commit), and the poll reads the row in between.
+    seen = _seq(harness)
+    tid, _code = add_terminal(harness.store, mid=MID, role="secondary", main_tid="20000001", device_serial="SN-R2")
+    reload_changes(harness.state, seen)
+    harness.state.terminals[tid].state = "active"  # what activate() does before its row commits
+    reload_changes(harness.state, seen)  # the poll re-reads the (still awaiting) row
+    assert harness.state.terminals[tid].state == "active"
+
+
+async def test_the_back_office_still_disables_an_active_terminal(harness: Harness) -> None:
+    seen = _seq(harness)
+    assert harness.state.terminals["20000001"].state == "active"
+    assert set_terminal_state(harness.store, "20000001", "disabled")
+    reload_changes(harness.state, seen)
+    assert harness.state.terminals["20000001"].state == "disabled"
