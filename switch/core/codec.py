@@ -34,6 +34,9 @@ _DIGITS = frozenset("0123456789")
 # Track fields: BCD tracks use nibble D for "=", ASCII tracks "=". A TDK-encrypted track (§10.3)
 # holds any hex nibble, so z accepts A-F here and the pipeline checks the clear track's digits.
 _Z_DIGITS = frozenset("0123456789ABCDEF=")
+# field kinds, compiled from "fmt" per dialect field
+_TEXT, _N, _B, _Z, _Z_ASCII = range(5)
+_KIND = {"an": _TEXT, "ans": _TEXT, "n": _N, "b": _B, "z": _Z}
 
 
 class SpecError(ValueError):
@@ -124,6 +127,19 @@ class Codec:
         self._probe_spec = dict(self._spec)
         for i in range(1, 129):  # "1" too: a secondary bitmap the dialect does not have
             self._probe_spec.setdefault(str(i), undefined)
+        self._has_header = bool(self._spec["h"]["max_len"])
+        # per-field typing compiled once from the dialect (the hot path does no spec lookups)
+        self._dec: dict[str, tuple[int, int]] = {}
+        self._enc: dict[int, tuple[str, int, int, str]] = {}
+        for skey, fs in self._spec.items():
+            if not skey.isdigit() or skey == "1":
+                continue
+            kind = _KIND[str(fs["fmt"])]
+            width = int(fs["max_len"]) if fs["len_type"] == 0 else 0  # 0: variable length
+            if kind == _Z and fs["data_enc"] != "b":
+                kind = _Z_ASCII
+            self._dec[skey] = (int(skey), kind)
+            self._enc[int(skey)] = (skey, kind, width, str(fs["data_enc"]))
 
     # ---- decode -------------------------------------------------------------------------
     def decode(self, body: bytes) -> tuple[str, Fields]:
@@ -154,8 +170,15 @@ class Codec:
         if not (len(mti) == 4 and set(mti) <= _DIGITS):
             raise CodecError("MTI is not 4 digits", "t", 0, {}, None)
         out: Fields = {}
+        dec = self._dec
         for key, value in doc.items():
-            k = int(key)
+            k, kind = dec[key]
+            if kind == _TEXT:
+                out[k] = value
+                continue
+            if kind == _N and (not value or (value.isascii() and value.isdigit())):
+                out[k] = value
+                continue
             try:
                 out[k] = self._from_wire(k, value)
             except CodecError as exc:
@@ -201,14 +224,25 @@ class Codec:
     # ---- encode -------------------------------------------------------------------------
     def encode(self, mti: str, fields: Mapping[int, FieldValue]) -> bytes:
         doc: dict[str, str] = {"t": mti}
-        if self._spec["h"]["max_len"]:
+        if self._has_header:
             doc["h"] = ""
+        enc = self._enc
         for key, value in fields.items():
-            skey = str(key)
-            fs = self._spec.get(skey)
-            if fs is None:
-                raise CodecError("field not defined in dialect", skey)
-            doc[skey] = self._to_wire(key, fs, value)
+            spec = enc.get(key)
+            if spec is None:
+                raise CodecError("field not defined in dialect", str(key))
+            skey, kind, width, data_enc = spec
+            # the common cases inline; anything unusual (and every error) through _to_wire
+            if kind == _B and type(value) is bytes:
+                doc[skey] = value.hex().upper()
+            elif kind == _N and type(value) is str and value.isascii() and value.isdigit() and (
+                not width or len(value) == width
+            ):
+                doc[skey] = value
+            elif kind == _TEXT and type(value) is str and not width:
+                doc[skey] = value
+            else:
+                doc[skey] = self._to_wire(key, self._spec[skey], value)
         try:
             data, _ = iso8583.encode(doc, self._spec)
         except EncodeError as exc:
