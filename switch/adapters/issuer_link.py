@@ -63,9 +63,49 @@ async def receive_frame(reader: BufferedByteReceiveStream, limit: int) -> bytes:
     return await reader.receive_exactly(size)
 
 
+class LinkFramer:
+    """Host-to-host frames out of whatever chunks the socket delivers (several replies often
+    arrive in one read): the link reads big chunks instead of two exact reads per frame."""
+
+    __slots__ = ("_buf", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The complete frame bodies in ``chunk`` plus what was buffered; FrameTooLarge when a
+        length prefix announces more than the limit."""
+        buf = self._buf
+        buf += chunk
+        out: list[bytes] = []
+        pos, end = 0, len(buf)
+        while end - pos >= LENGTH_PREFIX:
+            size = int.from_bytes(buf[pos : pos + LENGTH_PREFIX], "big")
+            if size > self._limit:
+                raise FrameTooLarge(f"frame of {size} bytes exceeds {self._limit}")
+            stop = pos + LENGTH_PREFIX + size
+            if stop > end:
+                break
+            out.append(bytes(buf[pos + LENGTH_PREFIX : stop]))
+            pos = stop
+        if pos:
+            del buf[:pos]
+        return out
+
+
+_f7_cache: tuple[int, str] = (-1, "")
+
+
 def transmission_datetime(now: datetime | None = None) -> str:
-    """F7: MMDDhhmmss in UTC."""
-    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%m%d%H%M%S")
+    """F7: MMDDhhmmss in UTC (formatted once per second when ``now`` is not given)."""
+    global _f7_cache
+    if now is not None:
+        return now.astimezone(timezone.utc).strftime("%m%d%H%M%S")
+    second = int(time.time())
+    if _f7_cache[0] != second:
+        _f7_cache = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%m%d%H%M%S"))
+    return _f7_cache[1]
 
 
 def response_mti(mti: str) -> str:
@@ -89,9 +129,14 @@ class _StanCounter:
         raise IssuerUnavailable("no free STAN: 999999 requests in flight")
 
 
+_QUEUED, _SENT = 0, 1
+
+
 @dataclass
 class _Waiter:
     request_mti: str
+    frame: bytes = b""
+    state: int = 0  # _QUEUED until the writer takes the frame, then _SENT
     done: anyio.Event = field(default_factory=anyio.Event)
     reply: tuple[str, Fields] | None = None
     error: Exception | None = None
@@ -139,7 +184,8 @@ class TcpIssuerLink:
         self._reconnect_delay = reconnect_delay
         self._max_reconnect_delay = max(max_reconnect_delay, reconnect_delay)
         self._stream: anyio.abc.SocketStream | None = None
-        self._write_lock = anyio.Lock()
+        self._outbox: list[_Waiter] = []  # frames waiting for the link's writer
+        self._outbox_ready = anyio.Event()
         self._pending: dict[str, _Waiter] = {}
         self._stans = _StanCounter()
         self._up_event = anyio.Event()
@@ -177,24 +223,17 @@ class TcpIssuerLink:
 
     async def _serve(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
-            self._stream = stream
+            outbox: list[_Waiter] = []
+            self._stream, self._outbox, self._outbox_ready = stream, outbox, anyio.Event()
             self._metrics.issuer_link_state(self.name, True)
             log.info("issuer %s: link up (%s:%s)", self.name, self.host, self.port)
             self._up_event.set()
             reason = "closed by issuer"
             try:
-                reader = BufferedByteReceiveStream(stream)
-                limit = max_frame(self._codec)
-                while True:  # one iteration per frame; ends when the connection does
-                    body = await receive_frame(reader, limit)
-                    self._on_frame(body)
-            except FrameTooLarge as exc:
-                reason = str(exc)
-                self._metrics.malformed_frame("issuer")
-            except (anyio.IncompleteRead, anyio.EndOfStream):
-                pass
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                reason = type(exc).__name__
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._write_loop, stream, outbox)
+                    reason = await self._read_loop(stream)
+                    tg.cancel_scope.cancel()
             except anyio.get_cancelled_exc_class():
                 reason = "shutdown"
                 raise
@@ -204,12 +243,52 @@ class TcpIssuerLink:
                 dropped = list(self._pending.values())
                 for waiter in dropped:
                     if not waiter.done.is_set():
-                        waiter.error = IssuerTimeout(f"{self.name}: link dropped with the request in flight")
+                        # a frame still queued never left: the issuer cannot have applied it
+                        waiter.error = (
+                            IssuerUnavailable(f"{self.name}: link dropped before the request was sent")
+                            if waiter.state == _QUEUED
+                            else IssuerTimeout(f"{self.name}: link dropped with the request in flight")
+                        )
                         waiter.done.set()
+                outbox.clear()
                 self._metrics.issuer_link_state(self.name, False)
                 log.log(logging.INFO if reason == "shutdown" else logging.WARNING,
                         "issuer %s: link down (%s), %d request(s) in flight failed",
                         self.name, reason, len(dropped))
+
+    async def _read_loop(self, stream: anyio.abc.SocketStream) -> str:
+        """Read replies until the connection ends; returns why it ended."""
+        framer = LinkFramer(max_frame(self._codec))
+        try:
+            while True:  # one iteration per chunk; ends when the connection does
+                for body in framer.feed(await stream.receive(65536)):
+                    self._on_frame(body)
+        except FrameTooLarge as exc:
+            self._metrics.malformed_frame("issuer")
+            return str(exc)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            return "closed by issuer"
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            return type(exc).__name__
+
+    async def _write_loop(self, stream: anyio.abc.SocketStream, outbox: list[_Waiter]) -> None:
+        """The link's only writer: every frame queued since its last write goes out in one
+        write (one system call and one wake-up of the issuer for many requests under load)."""
+        while True:  # until the link's task group is cancelled or a write fails
+            await self._outbox_ready.wait()
+            self._outbox_ready = anyio.Event()
+            batch = outbox[:]
+            outbox.clear()
+            if not batch:
+                continue
+            for waiter in batch:
+                waiter.state = _SENT  # from here on its outcome at the issuer is unknown
+            try:
+                await stream.send(b"".join(w.frame for w in batch))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                log.warning("issuer %s: write failed (%s)", self.name, type(exc).__name__)
+                await stream.aclose()  # the reader ends; the requests fail as timeouts
+                return
 
     def _on_frame(self, body: bytes) -> None:
         try:
@@ -260,32 +339,22 @@ class TcpIssuerLink:
         if stream is None:
             raise IssuerUnavailable(f"{self.name}: link down")
         stan = _stamp(fields, self._stans, self._pending)
-        data = frame(self._codec.encode(mti, fields))
-        waiter = _Waiter(mti)
+        waiter = _Waiter(mti, frame(self._codec.encode(mti, fields)))
         self._pending[stan] = waiter
         self._metrics.issuer_pending(self.name, len(self._pending))
-        writing = False
-        written = False
+        outbox = self._outbox
+        outbox.append(waiter)
+        self._outbox_ready.set()
         try:
             with anyio.move_on_after(timeout):
-                async with self._write_lock:
-                    if self._stream is not stream:
-                        raise IssuerUnavailable(f"{self.name}: link down")
-                    writing = True
-                    try:
-                        await stream.send(data)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                        raise IssuerUnavailable(f"{self.name}: write failed ({type(exc).__name__})") from exc
-                    written = True
                 await waiter.done.wait()
             if waiter.reply is not None:
                 return waiter.reply
             if waiter.error is not None:
                 raise waiter.error
-            if writing and not written:
-                # cancelled mid-write: the frame may be half sent, so the stream is unusable
-                await stream.aclose()
-            elif not written:
+            if waiter.state == _QUEUED:  # the writer never got to it (the issuer is not reading)
+                if waiter in outbox:
+                    outbox.remove(waiter)
                 raise IssuerUnavailable(f"{self.name}: could not write within {timeout}s")
             log.warning("issuer %s: no reply to %s STAN %s within %.2fs", self.name, mti, stan, timeout)
             raise IssuerTimeout(f"{self.name}: no reply within {timeout}s")

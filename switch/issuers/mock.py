@@ -30,14 +30,13 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import anyio.abc
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from switch.adapters.issuer_link import (
     FrameTooLarge,
+    LinkFramer,
     frame,
     issuer_codec,
     max_frame,
-    receive_frame,
     response_mti,
 )
 from switch.core.codec import Codec, CodecError, Fields
@@ -573,13 +572,13 @@ class MockIssuer:
         write_lock = anyio.Lock()
         limit = max_frame(self._codec)
         async with stream, anyio.create_task_group() as tg:
-            reader = BufferedByteReceiveStream(stream)
+            framer = LinkFramer(limit)
             channel = self.faults.channel(stream, write_lock, limit, self.name)
             try:
-                while True:  # one iteration per frame; ends with the connection
-                    body = await receive_frame(reader, limit)
-                    self.frames_received += 1
-                    tg.start_soon(self._answer, body, channel)
+                while True:  # one iteration per chunk (often several requests); ends with the connection
+                    for body in framer.feed(await stream.receive(65536)):
+                        self.frames_received += 1
+                        tg.start_soon(self._answer, body, channel)
             except FrameTooLarge as exc:
                 log.warning("mock issuer %s: %s, closing", self.name, exc)
             except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError,

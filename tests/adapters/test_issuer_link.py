@@ -342,3 +342,18 @@ def test_a_repeat_is_answered_like_its_first_transmission() -> None:
 
     assert [response_mti(m) for m in ("0100", "0200", "0220", "0221", "0400", "0401", "0800")] == [
         "0110", "0210", "0230", "0230", "0410", "0410", "0810"]
+
+
+def test_link_framer_splits_chunks_into_frames_whatever_the_cut() -> None:
+    from switch.adapters.issuer_link import FrameTooLarge, LinkFramer, frame
+
+    bodies = [b"\x02\x10" + bytes([i]) * (i * 7 % 50) for i in range(20)]
+    stream = b"".join(frame(b) for b in bodies)
+    for cut in (1, 2, 3, 7, 64, len(stream)):  # one byte at a time up to all at once
+        framer = LinkFramer(4096)
+        got: list[bytes] = []
+        for i in range(0, len(stream), cut):
+            got += framer.feed(stream[i : i + cut])
+        assert got == bodies
+    with pytest.raises(FrameTooLarge):
+        LinkFramer(100).feed(frame(bytes(101)))
