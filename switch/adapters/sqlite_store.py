@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -215,8 +216,11 @@ class JournalEntry:
     )
 
     def row(self) -> tuple[Any, ...]:
-        return tuple(int(v) if isinstance(v, bool) else v for v in (getattr(self, c) for c in self.COLUMNS))
+        values = _JOURNAL_ROW(self)  # one C call for every column, in COLUMNS order
+        return tuple(int(v) if type(v) is bool else v for v in values)
 
+
+_JOURNAL_ROW = operator.attrgetter(*JournalEntry.COLUMNS)
 
 _INSERT_JOURNAL = (
     f"INSERT INTO journal ({', '.join(JournalEntry.COLUMNS)}) "
@@ -480,7 +484,7 @@ class SqliteStore:
 
     def pan_token(self, pan: str) -> str:
         """A keyed hash of the PAN: lets later lookups match a card without storing it."""
-        return hmac.new(self._pan_key, pan.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(self._pan_key, pan.encode(), "sha256").hex()[:32]
 
     # ---- ops for the writer -----------------------------------------------------------------
     def op_journal(self, entry: JournalEntry) -> Op:

@@ -14,7 +14,10 @@ Must not log the MAK, and must not import I/O (sockets, anyio) or ``switch.pipel
 from __future__ import annotations
 
 import hmac
+import sys
 from dataclasses import dataclass
+from functools import reduce
+from operator import xor
 
 from switch.crypto.des import BLOCK, des_ecb_encrypt
 
@@ -38,15 +41,17 @@ class MacSteps:
 
 
 def _xor_blocks(mab: bytes) -> bytes:
+    """XOR of the 8-byte blocks of ``mab`` (zero-padded): one C-level pass over 64-bit words
+    (XOR is bytewise, so the words' byte order does not matter as long as it is the same)."""
     padded = mab + bytes(-len(mab) % BLOCK)
-    acc = 0
-    for i in range(0, len(padded), BLOCK):
-        acc ^= int.from_bytes(padded[i : i + BLOCK], "big")
-    return acc.to_bytes(BLOCK, "big")
+    acc = reduce(xor, memoryview(padded).cast("Q"), 0)
+    return acc.to_bytes(BLOCK, sys.byteorder)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("XOR of blocks of different lengths")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def mac_steps(mak: bytes, mab: bytes) -> MacSteps:

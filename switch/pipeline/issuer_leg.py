@@ -8,8 +8,8 @@ answer ever arriving.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 from switch.core.codec import Fields
 from switch.domain.codes import ResultCode
@@ -105,7 +105,7 @@ async def call(
     if reverse_on_timeout and state.saf is not None and state.store is not None:
         # write-ahead: how to reverse this request is durable before it leaves (see saf.py)
         link.stamp(fields)
-        key = uuid.uuid4().hex
+        key = os.urandom(16).hex()  # 128 random bits, like uuid4 without its object
         await state.store.write(
             state.saf.op_intent(key, issuer, reversal_fields(state, mti, fields, pan or ctx.pan or ""))
         )
