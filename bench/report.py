@@ -33,8 +33,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"Command: `{results['command']}` · {results['terminals']} terminals · host: {results['host']}",
         "",
         "| phase | server | mode | mix | offered/s | TPS | × codec-echo | p50 ms | p99 ms | p99.9 ms | max ms |"
-        " lost | generator CPU | books |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        " lost | generator CPU | server CPU µs/req | books |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in results["phases"]:
         r = p["result"]
@@ -45,7 +45,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {p['name']} | {p['server']} | {r['mode']} | {r['mix']} | {offered} | {r['tps']:.0f} |"
             f" {r['tps'] / base:.3f} | {ms(lat['p50'])} | {ms(lat['p99'])} | {ms(lat['p999'])} |"
-            f" {ms(lat['max'])} | {r['lost']} | {r['generator_cpu'] * 100:.0f} % | {verdict} |"
+            f" {ms(lat['max'])} | {r['lost']} | {r['generator_cpu'] * 100:.0f} % |"
+            f" {p.get('server_cpu_us_per_request', '-')} | {verdict} |"
         )
     h = results["headline"]
     lines += [
@@ -53,6 +54,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"Headline: switch closed-loop {h['tps']:.0f} TPS = {h['ratio']:.3f} × codec-echo ({base:.0f} TPS);"
         f" plain loopback echo {h['plain_tps']:.0f} TPS; switch open loop at {h['open_rate']:.0f}/s"
         f" (80 % of closed loop): p99 {h['p99_ms']:.2f} ms.",
+        "",
+        f"CPU per request (the figure the shared machine's load moves least): switch"
+        f" {h.get('switch_cpu_us', 0):.0f} µs, codec echo {h.get('baseline_cpu_us', 0):.0f} µs:"
+        f" the switch costs {h.get('cpu_ratio', 0):.3f} × the codec echo's work per request"
+        f" (1/{1 / h['cpu_ratio'] if h.get('cpu_ratio') else 0:.1f}).",
         "",
         "Latency: closed loop from the send; open loop from the scheduled send time (no coordinated"
         " omission). A generator CPU near 100 % means the generator, not the server, set the pace.",

@@ -97,8 +97,13 @@ class Bench:
         (port,) = server.start()
         try:
             for name, loop_mode, mix, rate in phases:
+                assert server.proc is not None
+                cpu0 = cpu_seconds(server.proc.pid)
                 r = self.loadgen(name, port, mode=loop_mode, mix=mix, rate=rate, dummy=True)
-                self.phases.append({"name": name, "server": f"{mode}-echo", "result": r})
+                cpu = cpu_per_request(cpu_seconds(server.proc.pid) - cpu0, r["answered"])
+                log(f"bench:   server CPU {cpu} us per request")
+                self.phases.append({"name": name, "server": f"{mode}-echo", "result": r,
+                                    "server_cpu_us_per_request": cpu})
         finally:
             server.stop()
 
@@ -108,6 +113,7 @@ class Bench:
         start_id = books.journal_max_id()
         commits0, answered0 = switch_counters(self.metrics_port)
         rss0 = rss_kib(self.switch_pid)
+        cpu0 = cpu_seconds(self.switch_pid)
         r = await anyio.to_thread.run_sync(
             lambda: self.loadgen(name, port, mode=mode, mix=mix, rate=rate, terminals_file=terminals_file)
         )
@@ -125,6 +131,8 @@ class Bench:
             log(f"bench:   books ok: {check['generator_approvals']} approvals = journal")
         commits1, answered1 = switch_counters(self.metrics_port)
         rss1 = rss_kib(self.switch_pid)
+        cpu = cpu_per_request(cpu_seconds(self.switch_pid) - cpu0, answered1 - answered0)
+        log(f"bench:   switch CPU {cpu} us per request")
         requests = max(answered1 - answered0, 1.0)
         group = {
             "journal_commits": commits1 - commits0,
@@ -134,7 +142,8 @@ class Bench:
         }
         log(f"bench:   group commit: {group['requests_per_commit']} requests per journal commit; "
             f"RSS {rss0} -> {rss1} KiB")
-        phase = {"name": name, "server": "switch", "result": r, "books": check, "switch": group}
+        phase = {"name": name, "server": "switch", "result": r, "books": check, "switch": group,
+                 "server_cpu_us_per_request": cpu}
         self.phases.append(phase)
         return phase
 
@@ -206,6 +215,21 @@ def switch_counters(metrics_port: int) -> tuple[float, float]:
     return commits, answered
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used so far (/proc/<pid>/stat, clock ticks)."""
+    try:
+        after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(after_name[11]) + int(after_name[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(cpu: float, requests: float) -> float:
+    """µs of the server's CPU per answered request: unlike TPS, it barely moves when other
+    processes share the machine (they take turns on the cores, not instructions from us)."""
+    return round(cpu / requests * 1e6, 1) if requests > 0 else 0.0
+
+
 def rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -221,7 +245,11 @@ def headline(phases: list[dict[str, Any]]) -> dict[str, Any]:
     tps = float(by["switch-closed"]["tps"])
     base = float(by["codec-echo-closed"]["tps"])
     open80 = by["switch-open-80"]
+    cpu = {p["name"]: float(p.get("server_cpu_us_per_request") or 0.0) for p in phases}
+    switch_cpu, base_cpu = cpu.get("switch-closed", 0.0), cpu.get("codec-echo-closed", 0.0)
     return {"tps": tps, "baseline_tps": base, "ratio": tps / base if base else 0.0,
+            "switch_cpu_us": switch_cpu, "baseline_cpu_us": base_cpu,
+            "cpu_ratio": base_cpu / switch_cpu if switch_cpu else 0.0,
             "plain_tps": float(by["plain-echo-closed"]["tps"]),
             "p99_ms": open80["latency_us"]["p99"] / 1000, "open_rate": float(open80["offered_rate"])}
 
