@@ -4,7 +4,8 @@ so several switch processes can share one database (issue 7).
 Owns: the PostgreSQL connections (one writer connection used by the group-commit worker thread and
 by set-up code through ``db``; one autocommit read connection behind ``query``), the PostgreSQL
 form of the versioned migrations (derived from ``sqlite_store.MIGRATIONS``: BIGSERIAL ids, BIGINT,
-BYTEA, DOUBLE PRECISION), RRN blocks reserved under a row lock, and a small translator from the
+BYTEA, DOUBLE PRECISION), RRN blocks reserved under a row lock, the per-peer advisory lock that makes the activation
+lockout count atomic between processes, and a small translator from the
 SQLite dialect the pipeline's ops are written in (``?`` placeholders, ``INSERT OR REPLACE`` /
 ``INSERT OR IGNORE``, ``BEGIN IMMEDIATE``) to PostgreSQL, behind a connection wrapper whose
 ``execute``/``fetchone``/``fetchall``/``description`` behave like ``sqlite3``'s.
@@ -63,6 +64,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "issuer_keys": ("issuer", "zpk"),
 }
 MIGRATION_LOCK = 0x5357_4954  # pg_advisory_lock key: one process migrates at a time
+ACTIVATION_LOCK_SPACE = 9001  # pg_advisory_xact_lock(int, int): our key space, then hashtext(peer)
 
 
 # ---- the SQLite -> PostgreSQL translator -------------------------------------------------------
@@ -328,6 +330,17 @@ class PostgresStore(SqliteStore):
             except psycopg.Error:
                 pass
             raise
+
+    # ---- shared decisions (SqliteStore.add_activation_failure) -----------------------------
+    def _lock_activation_peer(self, db: Any, peer: str, since: float) -> None:
+        """A transaction-scoped advisory lock on the peer (read committed would let two processes
+        both count four and both insert a fifth), then the expired rows nobody else is deleting
+        (SKIP LOCKED: two sweeps never wait on, or deadlock with, each other)."""
+        db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (ACTIVATION_LOCK_SPACE, peer))
+        db.execute(
+            "DELETE FROM activation_failures WHERE ctid IN (SELECT ctid FROM activation_failures"
+            " WHERE at < ? FOR UPDATE SKIP LOCKED)", (since,),
+        )
 
     # ---- RRN ------------------------------------------------------------------------------
     async def _reserve_rrn_block(self) -> None:

@@ -33,7 +33,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -161,6 +161,13 @@ MIGRATIONS: list[str] = [
     # v8: store-and-forward rows are claimed by the worker that sends them (several processes)
     """
     ALTER TABLE saf_queue ADD COLUMN claimed_until REAL;
+    """,
+    # v9: wrong activation codes per peer address (§9.1 lockout), shared by every process on the
+    # store; "at" is wall-clock seconds (time.time), comparable between processes
+    """
+    CREATE TABLE activation_failures (peer TEXT NOT NULL, at REAL NOT NULL);
+    CREATE INDEX activation_failures_peer ON activation_failures(peer, at);
+    CREATE INDEX activation_failures_at ON activation_failures(at);
     """,
 ]
 
@@ -583,6 +590,73 @@ class SqliteStore:
             if all(p.error for p in batch):
                 log.error("journal write failed: %s", type(exc).__name__)
         self.metrics.journal_commit(len(batch), time.perf_counter() - t0)
+
+    # ---- decisions that several processes must share: one short transaction each -------------
+    # They run now, on the caller's thread (not in the next group commit), on the writer's
+    # connection under the commit lock: the caller's answer depends on what they return.
+    def _short_transaction(self, work: Callable[[Any], Any]) -> Any:
+        with self._commit_lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                try:
+                    db.execute("ROLLBACK")
+                except Exception:
+                    pass
+                raise
+        return result
+
+    def _lock_activation_peer(self, db: Any, peer: str, since: float) -> None:
+        """Serialise counting for ``peer`` and drop expired rows. SQLite: ``BEGIN IMMEDIATE``
+        already holds the database's write lock, so every expired row can go."""
+        db.execute("DELETE FROM activation_failures WHERE at < ?", (since,))
+
+    def activation_failures_since(self, peer: str, since: float) -> int:
+        """How many wrong activation codes are recorded for ``peer`` at or after ``since``."""
+        rows = self.query(
+            "SELECT COUNT(*) AS n FROM activation_failures WHERE peer = ? AND at >= ?", (peer, since)
+        )
+        return int(rows[0]["n"])
+
+    def add_activation_failure(self, peer: str, at: float, since: float, limit: int) -> bool:
+        """Record one wrong activation code from ``peer`` at ``at`` unless ``limit`` are already
+        recorded at or after ``since``; count and insert are one atomic step across processes.
+        True when it was recorded; False when the limit had been reached (nothing written)."""
+
+        def work(db: Any) -> bool:
+            self._lock_activation_peer(db, peer, since)
+            n = db.execute(
+                "SELECT COUNT(*) FROM activation_failures WHERE peer = ? AND at >= ?", (peer, since)
+            ).fetchone()[0]
+            if int(n) >= limit:
+                return False
+            db.execute("INSERT INTO activation_failures (peer, at) VALUES (?, ?)", (peer, at))
+            return True
+
+        return bool(self._short_transaction(work))
+
+    def record_settlement(self, tid: str, batch: str, business_date: str, request_f48: str,
+                          response_f48: str, result: str, created_at: str) -> dict[str, Any]:
+        """Record the settlement of a terminal's batch unless one is already recorded (by another
+        process, or a concurrent request), atomically. Returns the recorded row (``request_f48``,
+        ``response_f48``, ``result``): this one's, or the first one's when it lost the race."""
+
+        def work(db: Any) -> dict[str, Any]:
+            db.execute(
+                "INSERT OR IGNORE INTO settlements (tid, batch, business_date, request_f48, response_f48,"
+                " result, created_at) VALUES (?,?,?,?,?,?,?)",
+                (tid, batch, business_date, request_f48, response_f48, result, created_at),
+            )
+            row = db.execute(
+                "SELECT request_f48, response_f48, result FROM settlements WHERE tid = ? AND batch = ?",
+                (tid, batch),
+            ).fetchone()
+            return {"request_f48": row[0], "response_f48": row[1], "result": row[2]}
+
+        return dict(self._short_transaction(work))
 
     # ---- RRN --------------------------------------------------------------------------------
     async def next_rrn(self) -> str:

@@ -7,6 +7,11 @@ the terminal's real TID and MID in 41/42 and the shop name in 63, and activates 
 wrong, used or expired code gets ``97``; from the sixth attempt after five wrong codes from one
 peer address within 10 minutes, every activation from that address gets ``75``. A secondary
 terminal can be activated only while its main terminal is active.
+
+The wrong codes are counted in the store (``activation_failures``), so every switch process
+sharing one database sees the same count: behind a load balancer an attacker gets five guesses
+per address in total, not five per process. Recording a wrong code is an atomic count-and-insert
+in the store, so two processes answering at the same moment cannot both let a sixth guess through.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections import deque
 from datetime import timezone
+from typing import TYPE_CHECKING, Callable
 
 from switch.crypto.activation import ActivationKeyError, wrap_tmk_for_terminal
 from switch.crypto.des import generate_key
@@ -23,34 +28,37 @@ from switch.domain.codes import ResultCode
 from switch.domain.model import Terminal
 from switch.pipeline.context import Context, SwitchState
 
+if TYPE_CHECKING:
+    from switch.adapters.sqlite_store import SqliteStore
+
 WINDOW_SECONDS = 600.0
 MAX_WRONG = 5
 
 
 class ActivationGuard:
-    """Wrong codes per peer address over a sliding window (in memory, per process)."""
+    """The §9.1 rule (``MAX_WRONG`` wrong codes per peer address over a sliding ``WINDOW_SECONDS``)
+    over the wrong codes the store records. Times are wall-clock seconds (``clock``), comparable
+    between processes; a correct code does not clear the count (the window does)."""
 
-    def __init__(self) -> None:
-        self._wrong: dict[str, deque[float]] = {}
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
 
-    def locked(self, peer: str, now: float) -> bool:
-        q = self._wrong.get(peer)
-        if q is None:
-            return False
-        while q and now - q[0] > WINDOW_SECONDS:
-            q.popleft()
-        return len(q) >= MAX_WRONG
+    def locked(self, store: SqliteStore, peer: str, now: float) -> bool:
+        return store.activation_failures_since(peer, now - WINDOW_SECONDS) >= MAX_WRONG
 
-    def wrong(self, peer: str, now: float) -> None:
-        self._wrong.setdefault(peer, deque()).append(now)
+    def wrong(self, store: SqliteStore, peer: str, now: float) -> bool:
+        """Count one wrong code. False when the limit was reached meanwhile (another process
+        counted the fifth first): nothing is counted and this attempt is a lockout."""
+        return store.add_activation_failure(peer, now, now - WINDOW_SECONDS, MAX_WRONG)
 
 
 def activate(state: SwitchState, ctx: Context) -> None:
     assert state.store is not None
     guard: ActivationGuard = state.activation_guard
+    store = state.store
     peer = ctx.request.frame.peer
-    now = time.monotonic()
-    if guard.locked(peer, now):
+    now = guard.clock()
+    if guard.locked(store, peer, now):
         state.metrics.activation_failure("lockout")
         ctx.decline(ResultCode.ACTIVATION_LOCKOUT, "too many wrong activation codes from this address")
         return
@@ -66,7 +74,10 @@ def activate(state: SwitchState, ctx: Context) -> None:
     )
     row = rows[0] if rows else None
     if row is None or row["state"] != "awaiting_activation" or (row["activation_expires"] or 0) < time.time():
-        guard.wrong(peer, now)
+        if not guard.wrong(store, peer, now):
+            state.metrics.activation_failure("lockout")
+            ctx.decline(ResultCode.ACTIVATION_LOCKOUT, "too many wrong activation codes from this address")
+            return
         state.metrics.activation_failure("wrong_code")
         ctx.decline(ResultCode.TERMINAL_INVALID, "wrong, used or expired activation code")
         return

@@ -7,6 +7,13 @@ is the closed one + 1. Settling a closed batch again returns the recorded answer
 batch exists even when empty; any other batch gets ``25``; a count above 999 cannot be expressed
 (``30``).
 
+Several processes may share one store, and a terminal retrying through a load balancer may
+reach two of them with the same batch at once: the settlement row is recorded atomically before
+the answer (``record_settlement``), and a request that finds one already recorded answers exactly
+what the first recorded, as a retransmission would be answered (§11). Closing the batch (the
+terminal's next batch number) goes with the request's journal commit. Batch upload rows have no
+key to collide on: each request's rows are its own.
+
 Totals: debits = consume, scan-to-pay, completion and completion advice (a voided sale stays a
 debit, its void is a credit); credits = consume voids, completion voids and refunds; only
 approved, unreversed rows count.
@@ -20,6 +27,8 @@ from dataclasses import dataclass
 from datetime import timezone
 
 from switch.domain.codes import ResultCode
+from switch.domain.model import Terminal
+from switch.pipeline.checks import refresh_terminal
 from switch.pipeline.context import Context, SwitchState
 
 DEBITS = ("consume", "scan_to_pay", "completion", "completion_advice")
@@ -74,15 +83,15 @@ def settle(state: SwitchState, ctx: Context) -> None:
         ctx.decline(ResultCode.FORMAT_ERROR, "settlement needs F48 (62 digits) and F49")
         return
     batch = f60.batch
+    recorded = _recorded(state, terminal.tid, batch)
+    if recorded is None and batch != terminal.batch:
+        refresh_terminal(state, terminal)  # another process sharing the store may have moved it
+    if recorded is not None:
+        # settling a settled batch again (a retry, another process, a concurrent copy): the same answer
+        _answer_recorded(state, ctx, terminal, batch, recorded)
+        return
     if batch != terminal.batch:
-        done = state.store.query(
-            "SELECT response_f48 FROM settlements WHERE tid = ? AND batch = ?", (terminal.tid, batch)
-        )
-        if not done:
-            ctx.decline(ResultCode.ORIGINAL_NOT_FOUND, "no such batch")
-            return
-        ctx.resp[48] = done[0]["response_f48"]  # settling a closed batch again: the same answer
-        ctx.rc = ResultCode.APPROVED
+        ctx.decline(ResultCode.ORIGINAL_NOT_FOUND, "no such batch")
         return
     theirs = Totals.parse(f48)
     ours = batch_totals(state, terminal.tid, batch)
@@ -91,19 +100,46 @@ def settle(state: SwitchState, ctx: Context) -> None:
         return
     balanced = theirs == ours
     answer = theirs.f48("1") if balanced else ours.f48("2")
+    created = ctx.now.astimezone(timezone.utc).isoformat()
+    won = state.store.record_settlement(
+        terminal.tid, batch, ctx.business_date, f48, answer, "1" if balanced else "2", created
+    )
+    if won["response_f48"] != answer or won["request_f48"] != f48:
+        _answer_recorded(state, ctx, terminal, batch, won)  # another request recorded it first
+        return
     ctx.resp[48] = answer
     ctx.note = "balanced" if balanced else f"unbalanced: terminal {theirs}, switch {ours}"
-    created = ctx.now.astimezone(timezone.utc).isoformat()
-    row = (terminal.tid, batch, ctx.business_date, f48, answer, "1" if balanced else "2", created)
+    _close_batch(ctx, terminal, batch)
+    ctx.rc = ResultCode.APPROVED
 
-    def op(db: sqlite3.Connection) -> None:
-        db.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?)", row)
 
-    ctx.store_ops.append(op)
-    terminal.batch_no += 1  # the batch is closed; the next one opens with the next request
+def _recorded(state: SwitchState, tid: str, batch: str) -> dict[str, object] | None:
+    assert state.store is not None
+    done = state.store.query(
+        "SELECT request_f48, response_f48, result FROM settlements WHERE tid = ? AND batch = ?", (tid, batch)
+    )
+    return done[0] if done else None
+
+
+def _answer_recorded(state: SwitchState, ctx: Context, terminal: Terminal, batch: str,
+                     recorded: dict[str, object]) -> None:
+    """39 ``00`` and the recorded F48. When this process still holds the batch open, it is closed
+    here too: the request that recorded it was served by another process (or its journal commit
+    never happened), and the terminal's next batch is the settled one + 1 either way."""
+    ctx.resp[48] = str(recorded["response_f48"])
+    ctx.note = "batch already settled: the recorded answer"
+    if batch == terminal.batch:
+        refresh_terminal(state, terminal)
+    if batch == terminal.batch:
+        _close_batch(ctx, terminal, batch)
+    ctx.rc = ResultCode.APPROVED
+
+
+def _close_batch(ctx: Context, terminal: Terminal, batch: str) -> None:
+    """The next batch opens with the next request (written with the request's journal row)."""
+    terminal.batch_no = int(batch) + 1
     terminal.batch_date = None
     ctx.ops.append(("terminal_batch", terminal))
-    ctx.rc = ResultCode.APPROVED
 
 
 RECORD_DIGITS = 2 + 6 + 20 + 12

@@ -7,7 +7,9 @@ newer schema or another master key, merchants/terminals/keys round trip with no 
 column, PAN tokens, the group-committing writer (shared commits, durable on return, drain on
 cancel, a failing op fails only its own write), RRNs (unique, increasing, across reopen, two stores
 on one database), journal rows, store-and-forward and intent ops, the SQLite->PostgreSQL
-translator, ``open_store_for``, and a sign-on + consume + void + settlement through
+translator, ``open_store_for``, the decisions several processes share (activation wrong codes
+counted atomically, the first settlement of a batch recorded once, each raced from several
+connections at once), and a sign-on + consume + void + settlement through
 ``TransactionManager.handle`` over each store.
 
 An independent connection (``Backend.rows``) is the witness of what was committed.
@@ -70,7 +72,8 @@ ZPK = bytes.fromhex("C0FFEE00DEADBEEF0123456789ABCDEF")
 M1 = "898310048990001"
 M2 = "898310058120002"
 TABLES = {"meta", "merchants", "terminals", "journal", "issuer_keys", "saf_queue", "settlements",
-          "batch_uploads", "payouts", "outbox", "intents", "portal_accounts", "portal_sessions"}
+          "batch_uploads", "payouts", "outbox", "intents", "portal_accounts", "portal_sessions",
+          "activation_failures"}
 
 
 class RecordingMetrics(NullMetrics):
@@ -742,3 +745,106 @@ async def test_sign_on_consume_void_settlement_through_the_pipeline(store: Sqlit
     assert all(CARD not in str(v) for r in rows for v in r.values())  # only masked/tokenised PANs
     assert store.query("SELECT result FROM settlements WHERE tid = ?", (t.tid,)) != []
     assert store.load_terminals()["10000001"].batch_no == 2
+
+
+# ---- decisions several processes share (schema v9) ------------------------------------------
+RACERS = 8
+
+
+def _race(backend: Backend, work: Callable[[SqliteStore, int], Any]) -> list[Any]:
+    """``work(store_i, i)`` on RACERS threads at once, each with its own store (its own database
+    connection, as separate processes would have), released together by a barrier."""
+    stores = [backend.store() for _ in range(RACERS)]
+    for s in stores:
+        s.open()
+    barrier = threading.Barrier(RACERS)
+    results: list[Any] = [None] * RACERS
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = work(stores[i], i)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(RACERS)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a racer did not finish"
+    finally:
+        for s in stores:
+            s.close()
+    assert not errors, errors
+    return results
+
+
+def test_a_v8_store_is_migrated_to_v9_keeping_its_data(backend: Backend) -> None:
+    s = backend.store()
+    s.open()
+    add_fixture(s)
+    s.close()
+    backend.rows("DROP TABLE activation_failures")  # as a version 8 store has it
+    backend.rows("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
+    s2 = backend.store()
+    s2.open()
+    try:
+        assert backend.rows("SELECT value FROM meta WHERE key='schema_version'") == [("9",)]
+        assert set(s2.load_terminals()) == {"10000001", "10000002", "20000002"}
+        assert s2.add_activation_failure("192.0.2.1", 1000.0, 400.0, 5)
+        assert s2.activation_failures_since("192.0.2.1", 400.0) == 1
+    finally:
+        s2.close()
+
+
+def test_activation_failures_are_counted_per_peer_up_to_the_limit_in_a_window(store: SqliteStore,
+                                                                               backend: Backend) -> None:
+    peer, other = "192.0.2.7", "198.51.100.9"
+    assert [store.add_activation_failure(peer, 1000.0 + i, 400.0 + i, 5) for i in range(6)] == [True] * 5 + [False]
+    assert store.activation_failures_since(peer, 400.0) == 5  # the refused one was not counted
+    assert store.activation_failures_since(other, 0.0) == 0
+    assert store.add_activation_failure(other, 1006.0, 406.0, 5)
+    # the window slides: at 1601 the wrong code of 1000 is out of it, so one more is counted
+    assert store.activation_failures_since(peer, 1001.0) == 4
+    assert store.add_activation_failure(peer, 1601.0, 1001.0, 5)
+    assert not store.add_activation_failure(peer, 1601.0, 1001.0, 5)  # 1001..1004 and 1601: five again
+    assert store.activation_failures_since(peer, 1001.0) == 5
+    # a late wrong code sweeps every peer's expired rows, not only its own
+    assert store.add_activation_failure("203.0.113.5", 5000.0, 4400.0, 5)
+    assert backend.rows("SELECT peer FROM activation_failures") == [("203.0.113.5",)]
+
+
+def test_two_connections_never_count_past_the_activation_limit(backend: Backend) -> None:
+    """RACERS connections record a wrong code for the same peer at the same moment, three
+    rounds: exactly five are counted each round (fails when the count and the insert are not one
+    atomic step: several racers then read four and all insert)."""
+    for round_ in range(3):
+        peer = f"192.0.2.{round_ + 10}"
+        got = _race(backend, lambda s, i: s.add_activation_failure(peer, 1000.0 + i / 100, 400.0, 5))
+        assert sorted(got) == [False] * (RACERS - 5) + [True] * 5, (round_, got)
+        assert backend.rows("SELECT COUNT(*) FROM activation_failures WHERE peer = ?", (peer,)) == [(5,)]
+
+
+def test_record_settlement_keeps_the_first_answer(store: SqliteStore, backend: Backend) -> None:
+    first = store.record_settlement("10000001", "000001", "20250301", "A" * 62, "B" * 62, "2", "t1")
+    assert first == {"request_f48": "A" * 62, "response_f48": "B" * 62, "result": "2"}
+    again = store.record_settlement("10000001", "000001", "20250301", "C" * 62, "C" * 62, "1", "t2")
+    assert again == first
+    other = store.record_settlement("10000001", "000002", "20250301", "C" * 62, "C" * 62, "1", "t3")
+    assert other["response_f48"] == "C" * 62
+    assert backend.rows("SELECT batch, response_f48, created_at FROM settlements ORDER BY batch") == [
+        ("000001", "B" * 62, "t1"), ("000002", "C" * 62, "t3")]
+
+
+def test_two_connections_settling_one_batch_get_one_answer(backend: Backend) -> None:
+    """RACERS connections record different answers for the same batch at once: one row, and every
+    racer is told that row's answer (fails with an integrity error, or with differing answers,
+    when the insert and the read back are not one atomic step)."""
+    got = _race(backend, lambda s, i: s.record_settlement(
+        "10000001", "000003", "20250301", f"{i:062d}", f"{i:062d}", "1", f"t{i}"))
+    assert len({g["response_f48"] for g in got}) == 1
+    rows = backend.rows("SELECT response_f48 FROM settlements WHERE tid = '10000001' AND batch = '000003'")
+    assert rows == [(got[0]["response_f48"],)]

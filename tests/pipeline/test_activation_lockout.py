@@ -1,0 +1,169 @@
+"""The §9.1 activation lockout through TransactionManager.handle: five wrong codes from one peer
+address within 10 minutes, then ``75`` for every activation from it (the right code too), counted
+in the store so that every switch process on that store shares one count (issue 7).
+
+A second "process" here is a second SwitchState and TransactionManager on a second SqliteStore
+opened on the same database file, with its own group-commit writer, as ``switch serve`` builds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+from switch.adapters.sqlite_store import SqliteStore
+from switch.core.codec import Codec, load_dialect
+from switch.core.framing import FrameReader
+from switch.crypto.activation import generate_terminal_key, public_key_der
+from switch.crypto.keystore import MasterKey
+from switch.pipeline.activation import MAX_WRONG, WINDOW_SECONDS, ActivationGuard
+from switch.pipeline.context import SwitchState
+from switch.pipeline.manager import TransactionManager
+from switch.pos.client import TerminalClient
+
+if TYPE_CHECKING:  # fixtures come from conftest.py; its classes are imported for typing only
+    from conftest import Harness, RecordingMetrics
+
+pytestmark = pytest.mark.anyio
+
+RIGHT_CODE = "48213579"  # 20000002's one-time code (§14)
+ATTACKER, NEIGHBOUR = "192.0.2.66", "198.51.100.7"
+_PUBLIC_KEY: list[bytes] = []
+
+
+def public_key() -> bytes:
+    if not _PUBLIC_KEY:  # one RSA key for the module: generating one costs ~0.1 s
+        _PUBLIC_KEY.append(public_key_der(generate_terminal_key()))
+    return _PUBLIC_KEY[0]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def activate(manager: TransactionManager, code: str, peer: str, stan: int) -> str:
+    """One 0800/351 from ``peer`` through the manager; its F39."""
+    client = TerminalClient("127.0.0.1", 1, " " * 8, " " * 15, bytes(16))
+    raw, _ = client.build_frame("0800", {11: f"{stan:06d}", 41: " " * 8, 42: " " * 15, 60: "00000001351",
+                                         62: code.encode() + public_key()}, mac=False)
+    reader = FrameReader(4096, peer)
+    reader.receive_data(raw)
+    frame = reader.next_frame()
+    assert frame is not None
+    with anyio.fail_after(10):
+        data = await manager.handle(frame)
+    assert data is not None
+    out = FrameReader(4096)
+    out.receive_data(data)
+    resp = out.next_frame()
+    assert resp is not None
+    _, fields = Codec(load_dialect("terminal")).decode(resp.body)
+    code39 = fields[39]
+    assert isinstance(code39, str)
+    return code39
+
+
+def wrong_code(i: int) -> str:
+    return f"{11_111_110 + i}"
+
+
+@asynccontextmanager
+async def second_process(h: Harness, tmp_path: Path) -> AsyncIterator[TransactionManager]:
+    """Another switch process on the harness's database file (its own store, writer and state)."""
+    store = SqliteStore(tmp_path / "switch.db", MasterKey(bytes(range(32))), h.metrics)
+    store.open()
+    try:
+        old = h.state
+        state = SwitchState(codec=old.codec, issuer_codec=old.issuer_codec, terminals=store.load_terminals(),
+                            merchants=store.load_merchants(), routes=old.routes, links=old.links,
+                            zone_pin_keys=store.load_zone_pin_keys(), metrics=h.metrics, settings=old.settings)
+        state.activation_guard = ActivationGuard(old.activation_guard.clock)
+        manager = TransactionManager(state, store)
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.run_writer)
+            yield manager
+            tg.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+class CountingMetrics:
+    """Activation failures reported to the harness's metrics, by reason."""
+
+    def __init__(self, metrics: RecordingMetrics) -> None:
+        self.reasons: list[str] = []
+        metrics.activation_failure = self.reasons.append  # type: ignore[method-assign]
+
+
+async def test_five_wrong_codes_then_75_even_for_the_right_code(harness: Harness) -> None:
+    counted = CountingMetrics(harness.metrics)
+    codes = [await activate(harness.manager, wrong_code(i), ATTACKER, 100 + i) for i in range(MAX_WRONG)]
+    assert codes == ["97"] * MAX_WRONG
+    assert await activate(harness.manager, RIGHT_CODE, ATTACKER, 200) == "75"
+    assert counted.reasons == ["wrong_code"] * MAX_WRONG + ["lockout"]
+    # the count is the store's, per address: another address is not locked out
+    assert harness.store.activation_failures_since(ATTACKER, 0.0) == MAX_WRONG
+    assert await activate(harness.manager, RIGHT_CODE, NEIGHBOUR, 300) == "00"
+
+
+async def test_the_window_slides_and_a_right_code_does_not_clear_it(harness: Harness) -> None:
+    clock = FakeClock()
+    harness.state.activation_guard = ActivationGuard(clock)
+    for i in range(MAX_WRONG - 1):
+        assert await activate(harness.manager, wrong_code(i), ATTACKER, 100 + i) == "97"
+        clock.now += 60
+    # four wrong codes at t0, +60 .. +180; a right code is accepted and does not reset the count
+    assert await activate(harness.manager, RIGHT_CODE, ATTACKER, 150) == "00"
+    assert await activate(harness.manager, RIGHT_CODE, ATTACKER, 151) == "97"  # used now: the fifth
+    assert await activate(harness.manager, wrong_code(9), ATTACKER, 152) == "75"
+    # 10 minutes after the first wrong code it leaves the window: one more attempt is let through
+    clock.now = 1_700_000_000.0 + WINDOW_SECONDS + 1
+    assert await activate(harness.manager, wrong_code(10), ATTACKER, 160) == "97"
+    assert await activate(harness.manager, wrong_code(11), ATTACKER, 161) == "75"
+
+
+async def test_wrong_codes_spread_over_two_processes_share_one_count(harness: Harness, tmp_path: Path) -> None:
+    """Three wrong codes at one process and two at the other lock the address out at both (with
+    per-process counters each would still let a guess through)."""
+    async with second_process(harness, tmp_path) as other:
+        managers = [harness.manager, harness.manager, other, harness.manager, other]
+        codes = [await activate(m, wrong_code(i), ATTACKER, 100 + i) for i, m in enumerate(managers)]
+        assert codes == ["97"] * MAX_WRONG
+        assert await activate(other, RIGHT_CODE, ATTACKER, 200) == "75"
+        assert await activate(harness.manager, RIGHT_CODE, ATTACKER, 201) == "75"
+
+
+async def test_a_fifth_wrong_code_counted_meanwhile_by_another_process_makes_this_one_a_lockout(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The race the atomic count-and-insert settles: this process finds four wrong codes (not
+    locked), another process counts the fifth before this one records its own; this attempt is
+    then answered 75 (a sixth guess is never answered 97) and is not counted."""
+    counted = CountingMetrics(harness.metrics)
+    for i in range(MAX_WRONG - 1):
+        assert await activate(harness.manager, wrong_code(i), ATTACKER, 100 + i) == "97"
+    other = SqliteStore(tmp_path / "switch.db", MasterKey(bytes(range(32))))
+    other.open()
+
+    class Interleaved(ActivationGuard):
+        def locked(self, store: SqliteStore, peer: str, now: float) -> bool:
+            answer = super().locked(store, peer, now)
+            assert other.add_activation_failure(peer, now, now - WINDOW_SECONDS, MAX_WRONG)
+            return answer
+
+    try:
+        harness.state.activation_guard = Interleaved()
+        assert await activate(harness.manager, wrong_code(8), ATTACKER, 200) == "75"
+    finally:
+        other.close()
+    assert counted.reasons == ["wrong_code"] * (MAX_WRONG - 1) + ["lockout"]
+    assert harness.store.activation_failures_since(ATTACKER, 0.0) == MAX_WRONG
