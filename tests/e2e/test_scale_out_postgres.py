@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import psycopg
 import pytest
 
 import bench.loadgen as loadgen
-from bench.harness import Books, _activate, onboard_terminals
+from bench.harness import Books, _activate
 from bench.wire import CARDS
 from switch.adapters.pg_store import open_store_for
 from switch.admin import open_store
@@ -81,10 +82,12 @@ class Cluster:
     ports: list[int] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[Path] = field(default_factory=list)
+    log_of: dict[str, Path] = field(default_factory=dict)
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = self.tmp / f"{name}.{len(self.logs)}.log"
         self.logs.append(log)
+        self.log_of[name] = log
         with open(log, "wb") as err:
             p = subprocess.Popen([sys.executable, "-m", "switch.cli", *args], env=env(),
                                  stdout=subprocess.DEVNULL, stderr=err)
@@ -101,7 +104,7 @@ class Cluster:
         cfg = self.tmp / f"switch-{i}.toml"
         cfg.write_text(
             f'[switch]\nport = {port}\nmetrics_port = {metrics}\nadmin_port = 0\nportal_port = 0\n'
-            f'data_dir = "{self.tmp}"\nlog_format = "text"\nlog_level = "WARNING"\n'
+            f'data_dir = "{self.tmp}"\nlog_format = "text"\nlog_level = "INFO"\n'
             f'[store]\ndsn = "{self.dsn}"\n[timeouts]\nissuer = 2.0\n{routes}',
             encoding="utf-8",
         )
@@ -173,6 +176,37 @@ class Recorder:
         return call
 
 
+async def wait_loaded(log: Path, dsn: str, timeout: float = 10.0) -> None:
+    """Until the process writing ``log`` loaded the back-office changes made so far. (An activation
+    racing a process's reload of that terminal's row can be undone in that process's memory: the
+    reload reads the row before the activation's commit — a switch/pipeline race not covered here.)"""
+    with psycopg.connect(dsn) as db:
+        seq = int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])  # type: ignore[index]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        loaded = re.findall(r"back-office changes up to #(\d+) loaded", log.read_text(errors="replace"))
+        if any(int(n) >= seq for n in loaded):
+            return
+        await anyio.sleep(0.1)
+    raise AssertionError(f"{log.name}: change #{seq} not loaded")
+
+
+async def onboard(c: Cluster, n: int) -> list[dict[str, str]]:
+    """bench.harness.onboard_terminals in two steps: the back office adds n - 1 secondaries of M2
+    on the database, then (once process 0 loaded them) they activate on process 0 (§9.1)."""
+    main = TERMINALS_BY_TID["20000001"]
+    with open_store(c.tmp) as store:  # SWITCH_STORE_DSN names the database
+        codes = [add_terminal(store, mid=M2, role="secondary", main_tid=main.tid, device_serial=f"SOAK-{i}")[1]
+                 for i in range(n - 1)]
+    await wait_loaded(c.log_of["switch-0"], c.dsn)
+    key = generate_terminal_key()
+    out = [{"tid": main.tid, "mid": main.mid, "tmk": main.tmk_hex or ""}]
+    for i, code in enumerate(codes):
+        tid, mid, tmk = await _activate(c.ports[0], code, i + 1, key)
+        out.append({"tid": tid, "mid": mid, "tmk": tmk.hex().upper()})
+    return out
+
+
 async def generate(port: int, terminals_file: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     args = loadgen.parse_args(["--port", str(port), "--terminals", str(TERMINALS), "--terminals-file",
                                str(terminals_file), "--mode", "closed", "--mix", "consume", "--drain", "5",
@@ -214,7 +248,7 @@ async def test_two_processes_behind_a_balancer_one_killed(tmp_path: Path, pg_dat
             # one process is not yet re-read by the others: see test_an_activation_reaches_the_other_process)
             monkeypatch.setenv("SWITCH_STORE_DSN", pg_database)
             monkeypatch.delenv("SWITCH_MASTER_KEY", raising=False)
-            terminals = await onboard_terminals(tmp_path, c.ports[0], TERMINALS)
+            terminals = await onboard(c, TERMINALS)
             # ... which is a release of process 1: drained at the balancer, SIGTERM (it finishes what
             # it has in flight and exits 0), started again, back in the balancer
             one = ("127.0.0.1", c.ports[1])
