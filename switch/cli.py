@@ -62,29 +62,28 @@ def _serve(argv: list[str]) -> int:
 
 
 def _journal(argv: list[str]) -> int:
-    from switch.adapters.sqlite_store import SqliteStore
+    from switch.adapters.sqlite_store import StoreError
+    from switch.admin import add_store_arguments, open_store, target_of
     from switch.admin.queries import MAX_LIMIT, QueryError, search_journal
-    from switch.app import load_master_key
+    from switch.config import ConfigError
+    from switch.crypto.keystore import MasterKeyError
 
     p = argparse.ArgumentParser(
         prog="switch journal", description="Print journal rows (newest first) as JSON lines; PANs masked."
     )
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    add_store_arguments(p)  # --data-dir, --config (a switch configuration's [store] dsn)
     p.add_argument("--tid", help="terminal ID (8 digits)")
     p.add_argument("--rrn", help="retrieval reference number (12 digits)")
     p.add_argument("--date", help="business date, YYYY-MM-DD or YYYYMMDD")
     p.add_argument("--rc", help="response code (F39), e.g. 00, 51, A0")
     p.add_argument("--limit", type=int, default=100, help=f"at most this many rows (1-{MAX_LIMIT})")
     a = p.parse_args(argv)
-    store = SqliteStore(a.data_dir / "switch.db", load_master_key(a.data_dir, create=False))
-    store.open()
     try:
-        rows = search_journal(store, rrn=a.rrn, tid=a.tid, date=a.date, response_code=a.rc, limit=a.limit)
-    except QueryError as exc:
+        with open_store(target_of(a)) as store:
+            rows = search_journal(store, rrn=a.rrn, tid=a.tid, date=a.date, response_code=a.rc, limit=a.limit)
+    except (QueryError, ConfigError, MasterKeyError, StoreError) as exc:
         print(f"switch journal: {exc}", file=sys.stderr)
         return 2
-    finally:
-        store.close()
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
     return 0

@@ -376,3 +376,34 @@ def open_store_for(dsn: str, master_key: KeyWrapper, metrics: Metrics | None = N
         store = SqliteStore(Path(dsn), master_key, metrics)
     store.open()
     return store
+
+
+# ---- for the back office (switch.admin): additive helpers, no store needed ----------------------
+def connect(dsn: str) -> PgConnection:
+    """An autocommit connection speaking the store's SQLite dialect (the same translator), for
+    back-office code that works on the tables without a store object (master-key rotation)."""
+    return _connect(dsn)
+
+
+def store_exists(dsn: str) -> bool:
+    """The database has the switch's tables (``meta``); False for an empty database."""
+    conn = _connect(dsn)
+    try:
+        row = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+        return bool(row and row[0])
+    finally:
+        conn.close()
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or ""
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://(unparsable DSN)"
+    return urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))

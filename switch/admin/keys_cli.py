@@ -3,7 +3,9 @@
 
 Owns parsing arguments, reading the ZPK from standard input (never from the command line, where
 ``ps`` and shell history would show it) and printing key ids, key check values and counts.
-Errors print one line on stderr and exit 2.
+The store is the data directory's SQLite file, or the database ``--config``'s ``[store] dsn`` (or
+``SWITCH_STORE_DSN``) names — a PostgreSQL database several switch processes share. Errors print
+one line on stderr and exit 2.
 
 Must not print, log or echo a master key, a ZPK or any unwrapped value; holds no rotation logic
 (``switch.admin.rotation`` does) and no store schema (the store does).
@@ -16,21 +18,21 @@ import os
 import re
 import sqlite3
 import sys
-from pathlib import Path
 from typing import TextIO
 
+import psycopg
+
 from switch.adapters.sqlite_store import StoreError
-from switch.admin import open_store
+from switch.admin import add_store_arguments, open_store, target_of
 from switch.admin.rotation import RotationError, RotationReport, rewrap, rotate
 from switch.crypto.des import check_value
 from switch.crypto.keystore import MasterKeyError, MasterKeyring
 
-DEFAULT_DATA_DIR = Path("data")
-STORE_FILE = "switch.db"
 ISSUER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 ZPK_HEX = re.compile(r"[0-9A-Fa-f]{32}")
+# ConfigError is a ValueError
 ERRORS: tuple[type[Exception], ...] = (RotationError, MasterKeyError, StoreError, sqlite3.Error,
-                                       OSError, ValueError)
+                                       psycopg.Error, OSError, ValueError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text, description=help_text)
-        c.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+        add_store_arguments(c)
         return c
 
     for name, text in (
@@ -81,21 +83,21 @@ def read_zpk(stream: TextIO) -> bytes:
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     a = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    data_dir: Path = a.data_dir
-    store_path = data_dir / STORE_FILE
     try:
+        target = target_of(a)
+        data_dir = target.data_dir
         if a.action == "rotate-master":
-            _print_report(rotate(store_path, data_dir, batch_size=a.batch_size))
+            _print_report(rotate(target.location, data_dir, batch_size=a.batch_size))
         elif a.action == "rewrap":
             ring = MasterKeyring.load(os.environ, data_dir)
-            _print_report(rewrap(store_path, data_dir, ring, batch_size=a.batch_size))
+            _print_report(rewrap(target.location, data_dir, ring, batch_size=a.batch_size))
         else:
             if not ISSUER_ID.fullmatch(a.issuer):
                 raise ValueError("issuer id must be 1-32 letters, digits, '-' or '_'")
-            if not store_path.is_file():
-                raise ValueError(f"no switch store in {data_dir}")
+            if not target.exists():
+                raise ValueError(f"no switch store at {target.describe()}")
             zpk = read_zpk(sys.stdin if stdin is None else stdin)
-            with open_store(data_dir) as store:
+            with open_store(target) as store:
                 store.set_zone_pin_key(a.issuer, zpk)
             print(f"ZPK for {a.issuer} stored (KCV {check_value(zpk)[:3].hex().upper()}); "
                   "a running switch uses it from its next start")

@@ -6,7 +6,9 @@ float) and printing results. Errors print one line on stderr and exit 2.
 
 Must not: hold onboarding rules (the API decides), or print the clear ID card or account (only the
 masked views). ``--id-card -`` / ``--account -`` read the value from stdin so it stays out of the
-process list and shell history.
+process list and shell history. Every command takes ``--data-dir`` and ``--config`` (the store
+``[store] dsn`` names, e.g. the PostgreSQL database running switches share; see
+``switch.admin.StoreTarget``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,20 @@ import sqlite3
 import sys
 from dataclasses import asdict
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
-from switch.admin import open_store
+import psycopg
+
+from switch.admin import StoreTarget, add_store_arguments, open_store, target_of
 from switch.admin.onboarding import KINDS, MerchantView, OnboardingError
 from switch.adapters.sqlite_store import StoreError
+from switch.config import ConfigError
 from switch.crypto.keystore import MasterKeyError
 from switch.domain.money import rate_percent, yuan
 
-DEFAULT_DATA_DIR = Path("data")
 # what an operator can get wrong: each ends the command with exit 2 and one line on stderr
-CLI_ERRORS: tuple[type[Exception], ...] = (OnboardingError, MasterKeyError, StoreError, sqlite3.Error)
+CLI_ERRORS: tuple[type[Exception], ...] = (OnboardingError, MasterKeyError, StoreError, ConfigError,
+                                           sqlite3.Error, psycopg.Error)
 
 
 def yuan_to_fen(text: str) -> int:
@@ -66,9 +70,9 @@ def secret_arg(value: str, what: str) -> str:
     return line
 
 
-def require_store(data_dir: Path) -> None:
-    if not (data_dir / "switch.db").exists():
-        raise OnboardingError(f"no switch store in {data_dir}")
+def require_store(target: StoreTarget) -> None:
+    if not target.exists():
+        raise OnboardingError(f"no switch store at {target.describe()}")
 
 
 def merchant_dict(view: MerchantView) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text, description=help_text)
-        c.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+        add_store_arguments(c)
         return c
 
     add = command("add", "Onboard a merchant; prints its MID.")
@@ -136,12 +140,13 @@ def _parser() -> argparse.ArgumentParser:
 def _run(a: argparse.Namespace) -> int:
     from switch.admin import onboarding
 
+    target = target_of(a)
     if a.action == "add":
         id_card = secret_arg(a.id_card, "ID card number")
         account = secret_arg(a.account, "account number")
         rate = percent_to_rate(a.fee_rate)
         limit = None if a.monthly_limit is None else yuan_to_fen(a.monthly_limit)
-        with open_store(a.data_dir, create_key=True) as store:
+        with open_store(target, create_key=True) as store:
             mid = onboarding.add_merchant(
                 store, kind=a.kind, shop_name=a.name, owner_name=a.owner, id_card=id_card,
                 bank_account=account, bank_name=a.bank, licence_no=a.licence, fee_rate=rate,
@@ -149,8 +154,8 @@ def _run(a: argparse.Namespace) -> int:
             )
         print(mid)
         return 0
-    require_store(a.data_dir)
-    with open_store(a.data_dir) as store:
+    require_store(target)
+    with open_store(target) as store:
         if a.action == "show":
             view = onboarding.show_merchant(store, a.mid)
             if a.json:

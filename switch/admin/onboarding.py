@@ -245,10 +245,9 @@ def _unique_number(db: sqlite3.Connection, sql: str, low: int, high: int, what: 
 
 
 def _row(db: sqlite3.Connection, sql: str, key: str) -> dict[str, Any] | None:
-    cur = db.cursor()
-    cur.row_factory = sqlite3.Row
-    row = cur.execute(sql, (key,)).fetchone()
-    return None if row is None else dict(row)
+    cur = db.execute(sql, (key,))  # no sqlite3.Row: the PostgreSQL store's connection has none
+    row = cur.fetchone()
+    return None if row is None else dict(zip([d[0] for d in cur.description], row))
 
 
 def _merchant_row(db: sqlite3.Connection, mid: str) -> dict[str, Any]:

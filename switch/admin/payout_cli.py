@@ -6,7 +6,8 @@ Exit codes: 0 done (also when the day was already recorded: nothing is paid twic
 failed (day not over, a later day already paid out, store or master key problem), 2 usage error.
 
 Argument parsing and printing only: the rules live in ``switch.admin.payout``. Must not print a
-clear settlement account (only the masked one the payout lines carry).
+clear settlement account (only the masked one the payout lines carry). ``--config`` works on the
+store of a switch configuration (its ``[store] dsn``, e.g. PostgreSQL) instead of ``--data-dir``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from switch.admin import open_store
+from switch.admin import add_store_arguments, open_store, target_of
 from switch.admin.payout import PayoutError, PayoutResult, run_payout
 from switch.admin.reports import display_date, parse_business_date
 from switch.domain.money import yuan
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="switch payout", description="Daily merchant payout (protocol §13).")
     p.add_argument("--date", type=_date, required=True, help="business date YYYY-MM-DD (a finished day)")
     p.add_argument("--out", type=Path, default=None, help="directory of the bank file (default DATA_DIR/payouts)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    add_store_arguments(p)
     return p
 
 
@@ -58,12 +59,13 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error argparse already reported (2)
         return 0 if exc.code == 0 else 2
-    if not (args.data_dir / "switch.db").exists():
-        print(f"switch payout: no store in {args.data_dir}", file=sys.stderr)
-        return 1
-    out_dir = args.out if args.out is not None else args.data_dir / "payouts"
     try:
-        with open_store(args.data_dir) as store:
+        target = target_of(args)
+        if not target.exists():
+            print(f"switch payout: no store at {target.describe()}", file=sys.stderr)
+            return 1
+        out_dir = args.out if args.out is not None else target.data_dir / "payouts"
+        with open_store(target) as store:
             result = run_payout(store, args.date, out_dir=out_dir)
     except PayoutError as exc:
         print(f"switch payout: {exc}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 ``switch report terminal TID --date YYYY-MM-DD [--json] [--data-dir data]`` prints a terminal's
 end-of-day list (text like a POS 结算单, or JSON). Exit codes: 0 printed, 1 the report cannot be
-made (unknown terminal, store or master key problem), 2 usage error.
+made (unknown terminal, store or master key problem), 2 usage error. ``--config`` reads the store
+of a switch configuration (its ``[store] dsn``, e.g. PostgreSQL) instead of ``--data-dir``'s.
 
 Argument parsing and printing only: the counting lives in ``switch.admin.reports``. Must not write
 to the store.
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from switch.admin import open_store
+from switch.admin import add_store_arguments, open_store, target_of
 from switch.admin.reports import ReportError, parse_business_date, terminal_day
 
 
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("tid", help="terminal id (8 characters)")
     t.add_argument("--date", type=_date, required=True, help="business date YYYY-MM-DD (Asia/Shanghai)")
     t.add_argument("--json", action="store_true", help="print JSON instead of text")
-    t.add_argument("--data-dir", type=Path, default=Path("data"))
+    add_store_arguments(t)
     return p
 
 
@@ -41,11 +41,12 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error argparse already reported (2)
         return 0 if exc.code == 0 else 2
-    if not (args.data_dir / "switch.db").exists():
-        print(f"switch report: no store in {args.data_dir}", file=sys.stderr)
-        return 1
     try:
-        with open_store(args.data_dir) as store:
+        target = target_of(args)
+        if not target.exists():
+            print(f"switch report: no store at {target.describe()}", file=sys.stderr)
+            return 1
+        with open_store(target) as store:
             report = terminal_day(store, args.tid, args.date)
     except ReportError as exc:
         print(f"switch report: {exc}", file=sys.stderr)

@@ -1,25 +1,37 @@
 """Master-key rotation without downtime: a new master key, and every wrapped blob in the store
-re-wrapped under it while the switch keeps running.
+re-wrapped under it while the switch keeps running — on the SQLite file of the data directory or
+on the PostgreSQL database several switch processes share.
 
-Owns the list of what the store wraps under the master key (:data:`WRAPPED`: table, column,
-the context each row binds its blob to), the rotation lock (``data_dir/master.key.lock``), and
-the two operations the ``switch keys`` command offers:
+Owns the list of what the store wraps under the master key (:data:`WRAPPED`: table, column, the
+key the walk pages by, the context each row binds its blob to), the rotation locks
+(``data_dir/master.key.lock``, and on PostgreSQL a database advisory lock, so two operators on
+two hosts cannot rotate one database at once), and the two operations the ``switch keys`` command
+offers:
 
 * :func:`rotate` — file-held keys: ``master.key`` is kept as ``master.key.old.<id>`` (0600), a
   new key becomes ``master.key``, every blob not yet under it is re-wrapped (format v2), in
-  transactions of ``batch_size`` rows (a running switch's writer waits at most one batch;
-  SQLite's busy timeout absorbs the contention). ``meta.master_key_id`` names the new key from
-  before the first batch (so a store left by an interrupted rotation matches ``master.key``;
-  rerunning re-wraps what is left, under yet another key — every old key file is kept).
+  transactions of ``batch_size`` rows (a running switch's writer waits at most one batch).
+  ``meta.master_key_id`` names the new key from before the first batch (so a store left by an
+  interrupted rotation matches ``master.key``; rerunning re-wraps what is left, under yet another
+  key — every old key file is kept).
 * :func:`rewrap` — re-wrap under a given ring's current key, nothing else: the sweep after
   processes started before a rotation were restarted, and the whole procedure when the keys come
   from the environment (``SWITCH_MASTER_KEY`` = new, ``SWITCH_MASTER_KEY_OLD`` = old).
 
+One code path for both engines: the SQL is written in the store's SQLite dialect and runs on
+PostgreSQL through the store's own translator (``switch.adapters.pg_store.connect``); the small
+:class:`_Db` adapter holds the only differences — how a write transaction starts (SQLite
+``BEGIN IMMEDIATE`` takes the write lock first; PostgreSQL locks the batch's rows with ``FOR
+UPDATE``), how long a batch waits for the switch's writer (busy timeout / ``lock_timeout``), and
+that a PostgreSQL batch chosen as a deadlock victim is retried.
+
 A switch started before :func:`rotate` keeps working if its store holds a
 :class:`~switch.crypto.keystore.MasterKeyring` loaded from the data directory: a blob that names
-the new key makes the ring re-read the key files. Until it restarts (or adopts the new key with
-``MasterKeyring.use_current``) it still wraps what it writes under the old key; those blobs stay
-readable (the old key file is kept) and the next :func:`rewrap` moves them.
+the new key makes the ring re-read the key files, and it adopts ``meta.master_key_id`` for new
+wraps within a second. Blobs it wrapped under the old key meanwhile stay readable (the old key
+file is kept) and the next :func:`rewrap` moves them. Several processes on one database must read
+the same key files (one data directory, or the same files copied to each host before the
+rotation is run; with keys in the environment use :func:`rewrap`).
 
 Plaintext is unchanged by a re-wrap, so PAN tokens, terminal keys in memory and ``change_seq``
 are untouched. Must not log, print or return any unwrapped value or key (only key ids and counts),
@@ -32,12 +44,14 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from switch.adapters.sqlite_store import SCHEMA_VERSION
+from switch.adapters.sqlite_store import SCHEMA_VERSION, StoreError
 from switch.crypto.keystore import (
     ENV_VAR,
     OLD_ENV_VAR,
@@ -47,14 +61,17 @@ from switch.crypto.keystore import (
     install_new_key,
 )
 
-__all__ = ["BATCH_SIZE", "WRAPPED", "RotationError", "RotationReport", "WrappedColumn",
+__all__ = ["BATCH_SIZE", "WRAPPED", "RotationError", "RotationReport", "StoreLocation", "WrappedColumn",
            "rewrap", "rotate"]
 
 BATCH_SIZE = 200
-BUSY_TIMEOUT = 30.0  # seconds a batch waits for the switch's writer (SQLite busy handler)
+BUSY_TIMEOUT = 30.0  # seconds a batch waits for the switch's writer (busy handler / lock_timeout)
 LOCK_FILE = "master.key.lock"
+PG_ROTATION_LOCK = 0x5357_524B  # pg_advisory_lock key: one rotation per database
+PG_RETRIES = 5  # a batch PostgreSQL chose as a deadlock victim is retried this many times
 
-Row = sqlite3.Row
+Row = Mapping[str, Any]
+StoreLocation = Path | str  # the SQLite file, or a postgresql:// DSN
 
 
 class RotationError(RuntimeError):
@@ -63,11 +80,13 @@ class RotationError(RuntimeError):
 
 @dataclass(frozen=True)
 class WrappedColumn:
-    """One column holding blobs wrapped under the master key. ``encoding``: ``blob`` (raw),
-    ``hex`` (the blob as hex text), ``legs`` (JSON list of transfer legs, each ``pan_enc`` hex)."""
+    """One column holding blobs wrapped under the master key. ``key``: the table's primary key
+    (the walk pages by it). ``encoding``: ``blob`` (raw), ``hex`` (the blob as hex text),
+    ``legs`` (JSON list of transfer legs, each ``pan_enc`` hex)."""
 
     table: str
     column: str
+    key: str
     context: Callable[[Row], str]
     needs: tuple[str, ...] = ()
     encoding: str = "blob"
@@ -80,21 +99,21 @@ class WrappedColumn:
 
 # Every place switch/ wraps with the master key (contexts as the writers build them).
 WRAPPED: tuple[WrappedColumn, ...] = (
-    WrappedColumn("meta", "value", lambda r: "pan-token-key", encoding="hex",
+    WrappedColumn("meta", "value", "key", lambda r: "pan-token-key", encoding="hex",
                   where="key = 'pan_token_key'"),
-    WrappedColumn("terminals", "tmk", lambda r: f"tmk:{r['tid']}", ("tid",)),
-    WrappedColumn("terminals", "pik", lambda r: f"pik:{r['tid']}", ("tid",)),
-    WrappedColumn("terminals", "mak", lambda r: f"mak:{r['tid']}", ("tid",)),
-    WrappedColumn("terminals", "tdk", lambda r: f"tdk:{r['tid']}", ("tid",)),
-    WrappedColumn("issuer_keys", "zpk", lambda r: f"zpk:{r['issuer']}", ("issuer",)),
-    WrappedColumn("merchants", "id_card_enc", lambda r: f"id_card:{r['mid']}", ("mid",)),
-    WrappedColumn("merchants", "bank_account_enc", lambda r: f"account:{r['mid']}", ("mid",)),
-    WrappedColumn("merchants", "webhook_secret_enc", lambda r: f"webhook:{r['mid']}", ("mid",)),
-    WrappedColumn("journal", "pan_enc", lambda r: "pan"),
-    WrappedColumn("journal", "response_blob", lambda r: f"response:{r['dup_key']}", ("dup_key",)),
-    WrappedColumn("journal", "legs", lambda r: "pan", encoding="legs"),
-    WrappedColumn("saf_queue", "fields", lambda r: f"saf:{r['issuer']}", ("issuer",)),
-    WrappedColumn("intents", "fields", lambda r: f"saf:{r['issuer']}", ("issuer",)),
+    WrappedColumn("terminals", "tmk", "tid", lambda r: f"tmk:{r['tid']}", ("tid",)),
+    WrappedColumn("terminals", "pik", "tid", lambda r: f"pik:{r['tid']}", ("tid",)),
+    WrappedColumn("terminals", "mak", "tid", lambda r: f"mak:{r['tid']}", ("tid",)),
+    WrappedColumn("terminals", "tdk", "tid", lambda r: f"tdk:{r['tid']}", ("tid",)),
+    WrappedColumn("issuer_keys", "zpk", "issuer", lambda r: f"zpk:{r['issuer']}", ("issuer",)),
+    WrappedColumn("merchants", "id_card_enc", "mid", lambda r: f"id_card:{r['mid']}", ("mid",)),
+    WrappedColumn("merchants", "bank_account_enc", "mid", lambda r: f"account:{r['mid']}", ("mid",)),
+    WrappedColumn("merchants", "webhook_secret_enc", "mid", lambda r: f"webhook:{r['mid']}", ("mid",)),
+    WrappedColumn("journal", "pan_enc", "id", lambda r: "pan"),
+    WrappedColumn("journal", "response_blob", "id", lambda r: f"response:{r['dup_key']}", ("dup_key",)),
+    WrappedColumn("journal", "legs", "id", lambda r: "pan", encoding="legs"),
+    WrappedColumn("saf_queue", "fields", "id", lambda r: f"saf:{r['issuer']}", ("issuer",)),
+    WrappedColumn("intents", "fields", "key", lambda r: f"saf:{r['issuer']}", ("issuer",)),
 )
 
 
@@ -110,14 +129,15 @@ class RotationReport:
 
 
 def rotate(
-    store_path: Path,
+    store: StoreLocation,
     data_dir: Path,
     *,
     env: Mapping[str, str] | None = None,
     batch_size: int = BATCH_SIZE,
     busy_timeout: float = BUSY_TIMEOUT,
 ) -> RotationReport:
-    """Install a new master key in ``data_dir`` and re-wrap every blob of the store under it."""
+    """Install a new master key in ``data_dir`` and re-wrap every blob of the store (the SQLite
+    file, or the database of a ``postgresql://`` DSN) under it."""
     env = os.environ if env is None else env
     if ENV_VAR in env:
         raise RotationError(
@@ -126,7 +146,7 @@ def rotate(
             "`switch keys rewrap`"
         )
     data_dir = Path(data_dir)
-    with _rotation_lock(data_dir), _connect(Path(store_path), busy_timeout) as db:
+    with _rotation_lock(data_dir), _connect(store, busy_timeout) as db:
         before = MasterKeyring.load({}, data_dir)
         _check_store(db, before)
         old, new = install_new_key(data_dir)
@@ -139,7 +159,7 @@ def rotate(
 
 
 def rewrap(
-    store_path: Path,
+    store: StoreLocation,
     data_dir: Path,
     keyring: MasterKeyring,
     *,
@@ -148,11 +168,94 @@ def rewrap(
 ) -> RotationReport:
     """Re-wrap every blob not already under ``keyring``'s current key (format v2), then record
     that key in ``meta.master_key_id``. Idempotent."""
-    with _rotation_lock(Path(data_dir)), _connect(Path(store_path), busy_timeout) as db:
+    with _rotation_lock(Path(data_dir)), _connect(store, busy_timeout) as db:
         _check_store(db, keyring)
         report = RotationReport(None, keyring.key_id)
         _rewrap_all(db, keyring, batch_size, report)
         return report
+
+
+# ---- the connection adapter -------------------------------------------------------------------
+class _Db:
+    """A store connection as the rotation uses it: SQL in the store's SQLite dialect (translated
+    on PostgreSQL by the store's own translator), rows as mappings, and the engine's way to lock
+    what a batch reads before it rewrites it."""
+
+    def __init__(self, conn: Any, *, postgres: bool) -> None:
+        self.conn = conn
+        self.postgres = postgres
+        # SQLite: BEGIN IMMEDIATE already holds the database's write lock; PostgreSQL: lock the rows
+        self.lock_rows = " FOR UPDATE" if postgres else ""
+        self.retryable: tuple[type[BaseException], ...] = ()
+        self.errors: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
+        if postgres:
+            import psycopg
+
+            self.retryable = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+            self.errors = (psycopg.Error,)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
+        cur = self.conn.execute(sql, params)
+        cols = [d[0] for d in cur.description or ()]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def run(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        self.conn.execute(sql, params)
+
+    def transaction(self, body: Callable[[], object]) -> None:
+        """``body`` in one write transaction; on PostgreSQL retried when chosen as a deadlock
+        victim against the switch's writer (nothing of it was committed)."""
+        for attempt in range(PG_RETRIES + 1):
+            self.run("BEGIN IMMEDIATE")  # SQLite: the write lock first (no stale read, no upgrade deadlock)
+            try:
+                body()
+            except self.retryable:
+                self.run("ROLLBACK")
+                if attempt == PG_RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            except BaseException:
+                self.run("ROLLBACK")
+                raise
+            self.run("COMMIT")
+            return
+
+
+@contextmanager
+def _connect(store: StoreLocation, busy_timeout: float) -> Iterator[_Db]:
+    if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
+        with _connect_pg(store, busy_timeout) as db:
+            yield db
+        return
+    path = Path(store)
+    if not path.is_file():
+        raise RotationError(f"no switch store at {path}")
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+        yield _Db(conn, postgres=False)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _connect_pg(dsn: str, busy_timeout: float) -> Iterator[_Db]:
+    from switch.adapters.pg_store import connect, redact_dsn
+
+    try:
+        conn = connect(dsn)
+    except StoreError as exc:
+        raise RotationError(f"{redact_dsn(dsn)}: {exc}") from None
+    try:
+        db = _Db(conn, postgres=True)
+        db.run(f"SET lock_timeout = '{int(busy_timeout * 1000)}ms'")
+        got = db.rows("SELECT pg_try_advisory_lock(?) AS got", (PG_ROTATION_LOCK,))
+        if not got or not got[0]["got"]:
+            raise RotationError(f"another key rotation is running on {redact_dsn(dsn)}")
+        yield db  # the advisory lock goes with the connection
+    finally:
+        conn.close()
 
 
 # ---- internals --------------------------------------------------------------------------------
@@ -172,32 +275,19 @@ def _rotation_lock(data_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-@contextmanager
-def _connect(store_path: Path, busy_timeout: float) -> Iterator[sqlite3.Connection]:
-    if not store_path.is_file():
-        raise RotationError(f"no switch store at {store_path}")
-    db = sqlite3.connect(store_path, timeout=busy_timeout, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    try:
-        db.execute("PRAGMA synchronous=FULL")
-        yield db
-    finally:
-        db.close()
+def _meta(db: _Db, key: str) -> str | None:
+    rows = db.rows("SELECT value FROM meta WHERE key = ?", (key,))
+    return None if not rows else str(rows[0]["value"])
 
 
-def _meta(db: sqlite3.Connection, key: str) -> str | None:
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _check_store(db: sqlite3.Connection, ring: MasterKeyring) -> None:
+def _check_store(db: _Db, ring: MasterKeyring) -> None:
     """Same schema as this code (a newer one may wrap columns it does not know), written under a
     key the ring holds (else this is the wrong data directory)."""
     try:
         version = _meta(db, "schema_version")
         recorded = _meta(db, "master_key_id")
-    except sqlite3.DatabaseError as exc:
-        raise RotationError(f"not a switch store: {exc}") from None
+    except db.errors as exc:
+        raise RotationError(f"not a switch store: {type(exc).__name__}: {exc}") from None
     if version != str(SCHEMA_VERSION):
         raise RotationError(
             f"store schema version {version} is not {SCHEMA_VERSION}: start this switch version "
@@ -210,60 +300,50 @@ def _check_store(db: sqlite3.Connection, ring: MasterKeyring) -> None:
         )
 
 
-def _rewrap_all(
-    db: sqlite3.Connection, ring: MasterKeyring, batch_size: int, report: RotationReport
-) -> None:
+def _rewrap_all(db: _Db, ring: MasterKeyring, batch_size: int, report: RotationReport) -> None:
     if batch_size < 1:
         raise RotationError("batch size must be at least 1")
     # first: a running switch that watches meta can adopt the new key at once, and a store left
     # by an interrupted rotation names the key master.key holds
-    _transaction(db, lambda: db.execute(
+    db.transaction(lambda: db.run(
         "INSERT OR REPLACE INTO meta(key, value) VALUES('master_key_id', ?)", (ring.key_id,)
     ))
     for col in WRAPPED:
         report.rewrapped[col.name] = _rewrap_column(db, col, ring, batch_size)
 
 
-def _transaction(db: sqlite3.Connection, body: Callable[[], object]) -> None:
-    db.execute("BEGIN IMMEDIATE")  # the write lock first: no stale read, no upgrade deadlock
-    try:
-        body()
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _rewrap_column(
-    db: sqlite3.Connection, col: WrappedColumn, ring: MasterKeyring, batch_size: int
-) -> int:
-    """Walk the table by rowid, ``batch_size`` rows per transaction. Rows are read and updated
-    inside the same write transaction, so a concurrent writer's change is never overwritten."""
-    select = (
-        f"SELECT rowid AS rid, {', '.join((*col.needs, col.column))} FROM {col.table} "
-        f"WHERE rowid > ? AND {col.column} IS NOT NULL AND ({col.where}) ORDER BY rowid LIMIT ?"
-    )
-    update = f"UPDATE {col.table} SET {col.column} = ? WHERE rowid = ?"
+def _rewrap_column(db: _Db, col: WrappedColumn, ring: MasterKeyring, batch_size: int) -> int:
+    """Walk the table by its primary key, ``batch_size`` rows per transaction. Rows are read
+    (and on PostgreSQL locked) and updated inside the same write transaction, so a concurrent
+    writer's change is never overwritten."""
+    cols = ", ".join(dict.fromkeys((col.key, *col.needs, col.column)))
+    where = f"{col.column} IS NOT NULL AND ({col.where})"
+    tail = f"ORDER BY {col.key} LIMIT ?{db.lock_rows}"
+    first = f"SELECT {cols} FROM {col.table} WHERE {where} {tail}"
+    after = f"SELECT {cols} FROM {col.table} WHERE {col.key} > ? AND {where} {tail}"
+    update = f"UPDATE {col.table} SET {col.column} = ? WHERE {col.key} = ?"
     changed = 0
-    last = -1 << 63
+    last: Any = None
     while True:  # ends: each batch moves `last` past the rows it saw
         rows: list[Row] = []
+        touched = 0
 
         def batch() -> None:
-            nonlocal changed
-            rows.extend(db.execute(select, (last, batch_size)).fetchall())
-            updates = []
+            nonlocal touched
+            rows.clear()
+            touched = 0
+            rows.extend(db.rows(first, (batch_size,)) if last is None else db.rows(after, (last, batch_size)))
             for row in rows:
                 new, blobs = _rewrapped(col, row, ring)
                 if new is not None:
-                    updates.append((new, row["rid"]))
-                    changed += blobs
-            db.executemany(update, updates)
+                    db.run(update, (new, row[col.key]))
+                    touched += blobs
 
-        _transaction(db, batch)
+        db.transaction(batch)
+        changed += touched
         if len(rows) < batch_size:
             return changed
-        last = int(rows[-1]["rid"])
+        last = rows[-1][col.key]
 
 
 def _under_current(blob: bytes, ring: MasterKeyring) -> bool:
@@ -302,6 +382,6 @@ def _rewrapped(col: WrappedColumn, row: Row, ring: MasterKeyring) -> tuple[bytes
         return (json.dumps(legs), touched) if touched else (None, 0)
     except (MasterKeyError, ValueError, TypeError) as exc:
         raise RotationError(
-            f"{col.name} of row {row['rid']} ({context!r}) cannot be re-wrapped: {exc}; nothing "
+            f"{col.name} of row {row[col.key]} ({context!r}) cannot be re-wrapped: {exc}; nothing "
             "after it was re-wrapped (rerun once fixed: done rows are skipped)"
         ) from None

@@ -4,7 +4,8 @@
 Owns: parsing arguments and printing results; ``show`` is the owner-verification view (whose
 terminal this is, ID card and account masked; ``--json`` too). ``add`` and ``new-code`` print the
 one-time activation code with its expiry: that is the only place it is ever shown. Errors print
-one line on stderr and exit 2.
+one line on stderr and exit 2. ``--config`` selects the store of a switch configuration (its
+``[store] dsn``, e.g. PostgreSQL), as for ``switch merchant``.
 
 Must not: hold onboarding rules (the API decides), log the activation code, or print the clear ID
 card or account.
@@ -17,10 +18,9 @@ import json
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 
-from switch.admin import open_store
-from switch.admin.merchant_cli import CLI_ERRORS, DEFAULT_DATA_DIR, require_store
+from switch.admin import add_store_arguments, open_store, target_of
+from switch.admin.merchant_cli import CLI_ERRORS, require_store
 from switch.admin.onboarding import ACTIVATION_TTL, ROLES, TerminalView
 
 
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text, description=help_text)
-        c.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+        add_store_arguments(c)
         return c
 
     add = command("add", "Register a terminal; prints its TID and a one-time activation code (24 h).")
@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 def _run(a: argparse.Namespace) -> int:
     from switch.admin import onboarding
 
-    require_store(a.data_dir)
-    with open_store(a.data_dir) as store:
+    target = target_of(a)
+    require_store(target)
+    with open_store(target) as store:
         if a.action == "add":
             now = datetime.now(UTC)
             tid, code = onboarding.add_terminal(

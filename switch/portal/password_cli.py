@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
-from pathlib import Path
+
+import psycopg
 
 from switch.adapters.sqlite_store import StoreError
+from switch.admin import add_store_arguments, target_of
+from switch.config import ConfigError
 from switch.crypto.keystore import MasterKeyError
 from switch.portal.accounts import AccountError
-
-DEFAULT_DATA_DIR = Path("data")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mid", help="the merchant's MID (15 digits)")
     p.add_argument("--password", help="the new password (prefer stdin: it stays out of ps)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    add_store_arguments(p)  # --data-dir, --config (the store of a switch configuration)
     return p
 
 
@@ -45,14 +46,15 @@ def main(argv: list[str]) -> int:
             password = sys.stdin.readline().rstrip("\r\n")
             if not password:
                 raise AccountError("no password on stdin")
-        if not (args.data_dir / "switch.db").exists():
-            raise AccountError(f"no switch store in {args.data_dir}")
+        target = target_of(args)
+        if not target.exists():
+            raise AccountError(f"no switch store at {target.describe()}")
         from switch.admin import open_store
         from switch.portal.accounts import set_password
 
-        with open_store(args.data_dir) as store:
+        with open_store(target) as store:
             set_password(store, args.mid, password)
-    except (AccountError, MasterKeyError, StoreError, sqlite3.Error) as exc:
+    except (AccountError, MasterKeyError, StoreError, ConfigError, sqlite3.Error, psycopg.Error) as exc:
         print(f"switch merchant set-password: {exc}", file=sys.stderr)
         return 2
     print(f"merchant {args.mid}: portal password set")

@@ -94,31 +94,36 @@ def seed(data: Path) -> str:
     store = SqliteStore(db_path(data), MasterKey.from_file(data / KEY_FILE))
     store.open()
     try:
-        seed_demo(store)
-        db = store.db
-        db.execute("BEGIN IMMEDIATE")
-        store.op_terminal_keys(Terminal(TID, MID, "main", None, "active", key_mode="003",
-                                        pik=PIK, mak=MAK, tdk=TDK))(db)
-        db.execute(
-            "UPDATE merchants SET id_card_enc=?, bank_account_enc=?, webhook_secret_enc=? WHERE mid=?",
-            (store.master_key.wrap(ID_CARD.encode(), f"id_card:{MID}"),
-             store.master_key.wrap(ACCOUNT.encode(), f"account:{MID}"),
-             store.master_key.wrap(WEBHOOK_SECRET, f"webhook:{MID}"), MID),
-        )
-        for n in range(1, JOURNAL_ROWS + 1):
-            store.op_journal(entry(n, store, legs=n % 10 == 0))(db)
-        for n in range(5):
-            db.execute(
-                "INSERT INTO saf_queue (issuer, kind, mti, fields, created_at, next_attempt)"
-                " VALUES ('ICBC', 'reversal', '0400', ?, 0, 0)",
-                (store.master_key.wrap(SAF_FIELDS, "saf:ICBC"),),
-            )
-        db.execute("INSERT INTO intents (key, issuer, fields, created_at) VALUES ('k1', 'CMB', ?, 0)",
-                   (store.master_key.wrap(INTENT_FIELDS, "saf:CMB"),))
-        db.execute("COMMIT")
-        return store.pan_token(PAN)
+        return seed_into(store)
     finally:
         store.close()
+
+
+def seed_into(store: SqliteStore) -> str:
+    """``seed``'s rows in an open store (SQLite or PostgreSQL); the PAN token of PAN."""
+    seed_demo(store)
+    db = store.db
+    db.execute("BEGIN IMMEDIATE")
+    store.op_terminal_keys(Terminal(TID, MID, "main", None, "active", key_mode="003",
+                                    pik=PIK, mak=MAK, tdk=TDK))(db)
+    db.execute(
+        "UPDATE merchants SET id_card_enc=?, bank_account_enc=?, webhook_secret_enc=? WHERE mid=?",
+        (store.master_key.wrap(ID_CARD.encode(), f"id_card:{MID}"),
+         store.master_key.wrap(ACCOUNT.encode(), f"account:{MID}"),
+         store.master_key.wrap(WEBHOOK_SECRET, f"webhook:{MID}"), MID),
+    )
+    for n in range(1, JOURNAL_ROWS + 1):
+        store.op_journal(entry(n, store, legs=n % 10 == 0))(db)
+    for n in range(5):
+        db.execute(
+            "INSERT INTO saf_queue (issuer, kind, mti, fields, created_at, next_attempt)"
+            " VALUES ('ICBC', 'reversal', '0400', ?, 0, 0)",
+            (store.master_key.wrap(SAF_FIELDS, "saf:ICBC"),),
+        )
+    db.execute("INSERT INTO intents (key, issuer, fields, created_at) VALUES ('k1', 'CMB', ?, 0)",
+               (store.master_key.wrap(INTENT_FIELDS, "saf:CMB"),))
+    db.execute("COMMIT")
+    return store.pan_token(PAN)
 
 
 def check_readable(store: SqliteStore, token: str, journal_rows: int = JOURNAL_ROWS) -> None:
