@@ -54,6 +54,7 @@ class AppConfig:
     read_timeout: float = 10.0
     max_frame: int = 2048
     drain_timeout: float = 10.0
+    orphan_intent_timeout: float = 0.0  # 0: orphan_intent_age(issuer_timeout)
     max_connections: int = 1000
     admin_port: int | None = 9200  # None or no SWITCH_ADMIN_TOKEN: no admin API
     portal_port: int | None = None  # the merchant portal (None: off)
@@ -144,9 +145,13 @@ async def run_switch(
         saf = StoreAndForward(store, links, metrics, timeout=cfg.issuer_timeout)
         state.saf = saf
         # requests that reached an issuer without their outcome reaching the journal (a crash):
-        # reverse them before serving again
+        # reverse them before serving again. On a shared database only the intents old enough to
+        # be nobody's (the rest may be other live processes' requests in flight); a sweep does
+        # the same for the whole life of the process, for the processes that die.
+        shared = cfg.store_dsn.startswith(("postgresql://", "postgres://"))
+        orphan_age = cfg.orphan_intent_timeout or orphan_intent_age(cfg.issuer_timeout)
         store.db.execute("BEGIN IMMEDIATE")
-        saf.op_promote_intents()(store.db)
+        saf.op_promote_intents(older_than=time.time() - orphan_age if shared else None)(store.db)
         store.db.execute("COMMIT")
         outbox = WebhookOutbox(store)
         outbox.refresh()
@@ -167,6 +172,8 @@ async def run_switch(
             await tg.start(store.run_probe)
             await network.start(tg, list(cfg.issuers))
             await tg.start(saf.run)  # delivers what a previous run left queued, too
+            if shared:
+                await tg.start(saf.sweep_orphan_intents, orphan_age)
             await tg.start(outbox.run)
             await tg.start(watch_changes, state)
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
@@ -208,6 +215,12 @@ async def run_switch(
         store.close()
 
 
+def orphan_intent_age(issuer_timeout: float) -> float:
+    """Seconds after which a write-ahead intent is an orphan: its request either committed its
+    journal row (deleting the intent) or its process died. Far beyond one request's life."""
+    return max(30.0, issuer_timeout * 6)
+
+
 async def _on_sighup(
     network: IssuerNetwork, state: SwitchState, reload_issuers: Callable[[], list[IssuerEndpoint]]
 ) -> None:
@@ -236,6 +249,7 @@ def app_config(cfg: Config) -> AppConfig:
         data_dir=cfg.data_dir, db_path=cfg.sqlite_path, store_dsn=cfg.store_dsn, host=cfg.host, port=cfg.port,
         metrics_port=cfg.metrics_port, issuer_timeout=cfg.issuer_timeout, idle_timeout=cfg.idle_timeout,
         read_timeout=cfg.read_timeout, max_frame=cfg.max_frame, drain_timeout=cfg.drain_timeout,
+        orphan_intent_timeout=cfg.orphan_intent_timeout,
         max_connections=cfg.max_connections, issuers=endpoints_of(cfg),
         admin_port=cfg.admin_port if cfg.admin_port else None,
         portal_port=cfg.portal_port if cfg.portal_port else None,

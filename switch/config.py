@@ -21,6 +21,8 @@ issuer = 5.0
 idle = 60.0
 read = 10.0
 drain = 10.0
+orphan_intent = 0         # several processes: a write-ahead intent older than this is a dead process's
+                          # (0: max(30, 6 x issuer); at least 2 x issuer + 1)
 
 [limits]
 max_frame = 2048
@@ -85,6 +87,7 @@ class Config:
     idle_timeout: float = 60.0
     read_timeout: float = 10.0
     drain_timeout: float = 10.0
+    orphan_intent_timeout: float = 0.0  # 0: max(30 s, 6 x issuer_timeout); see switch.app.orphan_intent_age
     max_frame: int = 2048
     max_connections: int = 1000
     micro_monthly_limit_fen: int = 300_000_00
@@ -113,6 +116,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "SWITCH_IDLE_TIMEOUT": ("idle_timeout", float),
     "SWITCH_READ_TIMEOUT": ("read_timeout", float),
     "SWITCH_DRAIN_TIMEOUT": ("drain_timeout", float),
+    "SWITCH_ORPHAN_INTENT_TIMEOUT": ("orphan_intent_timeout", float),
     "SWITCH_MAX_FRAME": ("max_frame", int),
     "SWITCH_MAX_CONNECTIONS": ("max_connections", int),
 }
@@ -127,7 +131,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type]]] = {
     "store": {"dsn": ("store_dsn", str)},
     "timeouts": {
         "issuer": ("issuer_timeout", float), "idle": ("idle_timeout", float), "read": ("read_timeout", float),
-        "drain": ("drain_timeout", float),
+        "drain": ("drain_timeout", float), "orphan_intent": ("orphan_intent_timeout", float),
     },
     "limits": {
         "max_frame": ("max_frame", int), "max_connections": ("max_connections", int),
@@ -248,6 +252,9 @@ def _validate(cfg: Config) -> None:
     for attr in ("issuer_timeout", "idle_timeout", "read_timeout", "drain_timeout"):
         if getattr(cfg, attr) <= 0:
             raise ConfigError(f"{attr}: must be more than 0 seconds")
+    if cfg.orphan_intent_timeout and cfg.orphan_intent_timeout < 2 * cfg.issuer_timeout + 1:
+        # shorter, and a live process's request in flight could be reversed under its feet
+        raise ConfigError("orphan_intent timeout: at least twice the issuer timeout plus one second")
     if not 64 <= cfg.max_frame <= 65535:
         raise ConfigError("max_frame: between 64 and 65535 bytes")
     if cfg.max_connections < 1:

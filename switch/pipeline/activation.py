@@ -108,11 +108,15 @@ def activate(state: SwitchState, ctx: Context) -> None:
     activated = ctx.now.astimezone(timezone.utc).isoformat()
 
     def op(db: sqlite3.Connection) -> None:
+        # stamped like a back-office change, so every other process sharing the store reloads
+        # this terminal (state and TMK) at its next change poll instead of answering its sign-on 97
+        db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'change_seq'")
+        seq = int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
         db.execute(
             "UPDATE terminals SET state = 'active', tmk = ?, key_mode = NULL, pik = NULL, mak = NULL,"
-            " tdk = NULL, activation_code_hash = NULL, activation_expires = NULL, activated_at = ?"
-            " WHERE tid = ?",
-            (blob, activated, tid),
+            " tdk = NULL, activation_code_hash = NULL, activation_expires = NULL, activated_at = ?,"
+            " change_seq = ? WHERE tid = ?",
+            (blob, activated, seq, tid),
         )
 
     ctx.store_ops.append(op)

@@ -50,6 +50,10 @@ def decode_fields(raw: bytes) -> Fields:
     return out
 
 
+class IntentTakenOver(RuntimeError):
+    """A request's write-ahead intent was promoted to a reversal before its journal commit."""
+
+
 class StoreAndForward:
     def __init__(
         self,
@@ -107,30 +111,53 @@ class StoreAndForward:
     @staticmethod
     def op_clear_intent(key: str) -> Op:
         def op(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM intents WHERE key = ?", (key,))
+            if db.execute("DELETE FROM intents WHERE key = ?", (key,)).rowcount == 0:
+                # another process's sweep took it for an orphan and queued its reversal: this
+                # request must not be journaled (or answered) as if the issuer kept the money
+                raise IntentTakenOver(f"write-ahead intent {key[:8]}… was already queued for reversal")
 
         return op
 
-    def op_promote_intents(self, keys: list[str] | None = None) -> Op:
-        """Turn intents (all, or these) into queued reversals."""
+    def op_promote_intents(self, keys: list[str] | None = None, *, older_than: float | None = None) -> Op:
+        """Turn intents (all, these, or those written before ``older_than``) into queued reversals."""
         now = self.clock()
 
         def op(db: sqlite3.Connection) -> None:
             where, params = ("", ()) if keys is None else (
-                f" WHERE key IN ({','.join('?' for _ in keys)})", tuple(keys))
-            rows = db.execute(f"SELECT key, issuer, fields FROM intents{where}", params).fetchall()
-            for key, issuer, blob in rows:
+                f" WHERE key IN ({','.join('?' for _ in keys)})", tuple[object, ...](keys))
+            if older_than is not None:
+                where += (" AND" if where else " WHERE") + " created_at < ?"
+                params = (*params, older_than)
+            # DELETE ... RETURNING takes each row once: a request's own journal commit deleting
+            # it at the same moment either wins (the row is not returned here) or finds it gone
+            # (op_clear_intent refuses to journal it)
+            rows = db.execute(f"DELETE FROM intents{where} RETURNING issuer, fields", params).fetchall()
+            for issuer, blob in rows:
                 db.execute(
                     "INSERT INTO saf_queue (issuer, kind, mti, fields, journal_id, created_at, next_attempt)"
                     " VALUES (?, 'reversal', '0400', ?, NULL, ?, ?)",
                     (issuer, blob, now, now),
                 )
-                db.execute("DELETE FROM intents WHERE key = ?", (key,))
             if rows:
                 log.warning("store-and-forward: %d request(s) without a recorded outcome queued for reversal",
                             len(rows))
 
         return op
+
+    async def sweep_orphan_intents(
+        self, max_age: float, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Several processes on one database: an intent older than ``max_age`` (far beyond the
+        issuer timeout plus a journal commit) belongs to a process that died, whichever it was;
+        queue its reversal. Intents younger than that may be another live process's."""
+        task_status.started()
+        while True:  # for the life of the switch; cancelled with its task group
+            try:
+                await self.store.write(self.op_promote_intents(older_than=self.clock() - max_age))
+                self.wake()
+            except Exception:
+                log.exception("sweeping orphaned write-ahead intents failed; will retry")
+            await anyio.sleep(max_age / 2)
 
     # ---- delivery -------------------------------------------------------------------------
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -57,7 +57,7 @@ from switch.issuers.cards import demo_issuers
 from switch.issuers.mock import mock_from_demo
 from switch.pipeline.context import Settings, SwitchState
 from switch.pipeline.manager import TransactionManager
-from switch.pipeline.saf import StoreAndForward
+from switch.pipeline.saf import IntentTakenOver, StoreAndForward
 from switch.ports import IssuerUnavailable, Metrics, NullMetrics
 from switch.pos.client import TerminalClient
 from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
@@ -665,6 +665,32 @@ async def test_store_and_forward_queue_and_intents(store: SqliteStore, backend: 
         await saf.deliver_due()
     assert [r[0] for r in backend.rows("SELECT state FROM saf_queue ORDER BY id")] == ["done", "done"]
     assert sorted(m for m, _ in link.sent) == ["0220", "0401"]  # the reversal's repeat is 0401
+
+
+@pytest.mark.anyio
+async def test_an_orphan_sweep_takes_only_old_intents_and_their_owner_cannot_journal_after_it(
+    store: SqliteStore, backend: Backend
+) -> None:
+    """Several processes on one database: a sweep reverses intents old enough to be nobody's,
+    never a younger one (another process's request in flight); a request whose intent a sweep
+    took refuses its journal commit instead of recording an approval that is being reversed."""
+    now = [1_000.0]
+    saf = StoreAndForward(store, {}, NullMetrics(), clock=lambda: now[0])
+    reversal: Fields = {2: "6222029375642931684", 4: "000000000100", 11: "000001", 90: "0" * 42}
+    async with running_writer(store):
+        await store.write(saf.op_intent("old", "ICBC", reversal))
+        now[0] = 1_100.0
+        await store.write(saf.op_intent("young", "ICBC", reversal))
+        await store.write(saf.op_promote_intents(older_than=1_050.0))
+        assert [r[0] for r in backend.rows("SELECT key FROM intents")] == ["young"]
+        assert backend.rows("SELECT kind, mti FROM saf_queue") == [("reversal", "0400")]
+        with pytest.raises(StoreError) as failed:  # the owner of "old" comes back to journal it
+            await store.write(saf.op_clear_intent("old"), store.op_journal(entry(900)))
+        assert isinstance(failed.value.__cause__, IntentTakenOver)
+        assert 900 not in [int(s) for s in stans(backend)]
+        await store.write(saf.op_clear_intent("young"), store.op_journal(entry(901)))  # its owner, in time
+    assert backend.rows("SELECT key FROM intents") == []
+    assert backend.rows("SELECT COUNT(*) FROM saf_queue") == [(1,)]
 
 
 # ---- the pipeline over each store ---------------------------------------------------------------

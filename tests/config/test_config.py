@@ -69,6 +69,7 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
         ("[switch]\ncolour = 1\n", {}, "colour: unknown setting"),
         ("[nope]\n", {}, "unknown section [nope]"),
         ("[timeouts]\nissuer = 0\n", {}, "issuer_timeout"),
+        ("[timeouts]\nissuer = 5.0\norphan_intent = 10.0\n", {}, "orphan_intent timeout"),
         ("[limits]\nmicro_monthly_limit = \"400000.00\"\n", {}, "at most 300000.00"),
         ("[limits]\nmicro_monthly_limit = \"1.234\"\n", {}, "micro_monthly_limit"),
         ("[[issuers]]\nname = \"A\"\nport = 1\nprefixes = []\n", {}, "prefixes"),

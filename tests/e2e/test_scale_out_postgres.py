@@ -105,7 +105,7 @@ class Cluster:
         cfg.write_text(
             f'[switch]\nport = {port}\nmetrics_port = {metrics}\nadmin_port = 0\nportal_port = 0\n'
             f'data_dir = "{self.tmp}"\nlog_format = "text"\nlog_level = "INFO"\n'
-            f'[store]\ndsn = "{self.dsn}"\n[timeouts]\nissuer = 2.0\n{routes}',
+            f'[store]\ndsn = "{self.dsn}"\n[timeouts]\nissuer = 2.0\norphan_intent = 5.0\n{routes}',
             encoding="utf-8",
         )
         self.configs.append(cfg)
@@ -333,10 +333,6 @@ async def test_two_processes_behind_a_balancer_one_killed(tmp_path: Path, pg_dat
     assert left is not None and int(left[0]) <= lost_to_the_kill
 
 
-@pytest.mark.xfail(strict=True, reason="a terminal activated on one process is not re-read by the others "
-                   "(activation stamps no change_seq; check_terminal does not refresh a terminal it holds "
-                   "as not active): they answer its sign-on 97 until they restart — switch/pipeline, not "
-                   "this branch; docs/scale-out.md lists it")
 async def test_an_activation_reaches_the_other_process(tmp_path: Path, pg_database: str,  # noqa: F811
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A terminal the back office added (and the other process loaded, awaiting activation)

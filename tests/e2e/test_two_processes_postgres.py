@@ -6,7 +6,7 @@ purchase is approved, the other gets 61, and the usage the database keeps is the
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from switch.adapters.pg_store import open_store_for
+from switch.adapters.sqlite_store import SqliteStore
 from switch.app import load_master_key, seed_demo
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient
@@ -40,12 +41,18 @@ def config(path: Path, data: Path, dsn: str, icbc: int) -> int:
 
 
 @asynccontextmanager
-async def two_switches(tmp_path: Path, dsn: str, *, limit_fen: int | None = None) -> AsyncIterator[list[int]]:
-    """ICBC and two `switch serve` processes on one seeded database; yields their terminal ports and
-    checks on the way out that neither process printed a traceback."""
+async def two_switches(
+    tmp_path: Path, dsn: str, *, limit_fen: int | None = None,
+    before_start: Callable[[SqliteStore], None] | None = None,
+) -> AsyncIterator[list[int]]:
+    """ICBC and two `switch serve` processes on one seeded database (``before_start`` may add to
+    it); yields their terminal ports and checks on the way out that neither process printed a
+    traceback."""
     store = open_store_for(dsn, load_master_key(tmp_path, create=True))
     try:
         seed_demo(store)
+        if before_start is not None:
+            before_start(store)
     finally:
         store.close()
     if limit_fen is not None:

@@ -6,19 +6,25 @@ lockout (§9.1) and batch settlement (§9.4) are decided by the database, not by
   sent to both at once get exactly five 97s.
 - The same batch settled at both processes at once (the same frame, or a retry with a new STAN)
   gets one answer from both, and the database holds one settlements row.
+- Starting a process reverses the write-ahead intents old enough to be orphans (once, whichever
+  process takes them), never a young one: that may be another live process's request in flight.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
 import psycopg
 import pytest
 
+from switch.adapters.sqlite_store import SqliteStore
 from switch.crypto.activation import generate_terminal_key, public_key_der
 from switch.demo_fixture import TERMINALS_BY_TID
+from switch.pipeline.saf import StoreAndForward
 from switch.pos.client import Response, TerminalClient
+from switch.ports import NullMetrics
 from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
 from tests.e2e.test_two_processes_postgres import two_switches
 
@@ -119,3 +125,21 @@ async def test_one_batch_settled_at_both_processes_at_once_gets_one_answer(
                 assert str((await term.sign_on("003")).fields[60])[2:8] == "000002"
         with psycopg.connect(pg_database, autocommit=True) as db:
             assert db.execute("SELECT COUNT(*) FROM settlements").fetchone()[0] == 1
+
+
+async def test_starting_processes_reverse_only_orphaned_intents(tmp_path: Path, pg_database: str) -> None:  # noqa: F811
+    reversal = {2: CARD, 3: "000000", 4: "000000000100", 11: "000001", 90: "0200000001" + "0" * 32}
+
+    def intents(store: SqliteStore) -> None:
+        for key, created in (("orphan", time.time() - 3600), ("in-flight", time.time())):
+            saf = StoreAndForward(store, {}, NullMetrics(), clock=lambda created=created: created)
+            store.db.execute("BEGIN")
+            saf.op_intent(key, "ICBC", dict(reversal))(store.db)
+            store.db.execute("COMMIT")
+
+    async with two_switches(tmp_path, pg_database, before_start=intents):
+        with psycopg.connect(pg_database, autocommit=True) as db:
+            left = [r[0] for r in db.execute("SELECT key FROM intents ORDER BY key")]
+            queued = db.execute("SELECT COUNT(*) FROM saf_queue WHERE kind = 'reversal'").fetchone()
+    assert left == ["in-flight"]  # another process's request: not reversed under its feet
+    assert queued is not None and queued[0] == 1  # the orphan, once, by whichever process took it
