@@ -92,12 +92,15 @@ async def run_switch(
     master_key: KeyWrapper,
     *,
     seed: Callable[[SqliteStore], None] | None = None,
+    prepare: Callable[[SqliteStore], object] | None = None,
     handle_signals: bool = True,
     reload_issuers: Callable[[], list[IssuerEndpoint]] | None = None,
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the switch until SIGTERM/SIGINT (or ``Running.shutdown``). ``reload_issuers``: called on
-    SIGHUP for the new issuer list (routes and endpoints are swapped without dropping anything)."""
+    """Run the switch until SIGTERM/SIGINT (or ``Running.shutdown``). ``seed``: fills an empty
+    store; ``prepare``: runs (in a thread) on the open store before any port opens, so a signal
+    can never close the store under it. ``reload_issuers``: called on SIGHUP for the new issuer
+    list (routes and endpoints are swapped without dropping anything)."""
     metrics = PrometheusMetrics()
     store: SqliteStore
     if cfg.store_dsn.startswith(("postgresql://", "postgres://")):
@@ -110,6 +113,8 @@ async def run_switch(
     try:
         if seed is not None and store.is_empty():
             seed(store)
+        if prepare is not None:
+            await anyio.to_thread.run_sync(prepare, store)
         network = IssuerNetwork(metrics, cfg.issuer_timeout)
         links = network.links  # one dict shared by the pipeline, store-and-forward and reloads
         routes, wallet_routes = routing_tables(list(cfg.issuers))
@@ -340,8 +345,14 @@ async def run_demo(
             portal_port=portal_port,
         )
 
+        prepare: Callable[[SqliteStore], object] | None = None
+        if portal_port is not None:
+            from switch.portal.demo import seed_portal_accounts
+
+            prepare = seed_portal_accounts  # before the ports open: a SIGTERM then drains cleanly
+
         async def switch_then_stop(*, task_status: anyio.abc.TaskStatus[Running]) -> None:
-            await run_switch(cfg, master_key, seed=seed_demo, handle_signals=handle_signals,
+            await run_switch(cfg, master_key, seed=seed_demo, prepare=prepare, handle_signals=handle_signals,
                              task_status=task_status)
             tg.cancel_scope.cancel()  # the switch drained: stop the mock issuers too
 
@@ -349,9 +360,8 @@ async def run_demo(
         task_status.started(running)
         admin = f", admin port {running.admin_port}" if running.admin_port is not None else ""
         if running.portal_port is not None:
-            from switch.portal.demo import DEMO_PASSWORDS, seed_portal_accounts
+            from switch.portal.demo import DEMO_PASSWORDS
 
-            await anyio.to_thread.run_sync(seed_portal_accounts, running.store)
             admin += f", portal port {running.portal_port}"
             for mid, password in DEMO_PASSWORDS.items():
                 print(f"merchant portal http://{host}:{running.portal_port}/  MID {mid}  password {password}",

@@ -244,8 +244,7 @@ async def test_two_processes_behind_a_balancer_one_killed(tmp_path: Path, pg_dat
         c = stack.enter_context(cluster(tmp_path, pg_database))
         async with TcpBalancer([("127.0.0.1", p) for p in c.ports]) as lb:
             # terminals onboarded through the back office on the database and activated (§9.1) on
-            # process 0; process 1 learns the activations at its next start (a terminal activated on
-            # one process is not yet re-read by the others: see test_an_activation_reaches_the_other_process)
+            # process 0 (process 1 learns them at its change poll: test_an_activation_reaches_the_other_process)
             monkeypatch.setenv("SWITCH_STORE_DSN", pg_database)
             monkeypatch.delenv("SWITCH_MASTER_KEY", raising=False)
             terminals = await onboard(c, TERMINALS)
