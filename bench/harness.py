@@ -120,6 +120,7 @@ class SwitchWithIssuers:
     issuers: tuple[str, ...] = ("ICBC", "CMB")
     server: ServerProcess | None = None
     issuer_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    wrapper: tuple[str, ...] = ()  # a command the switch runs under (bench.instructions: valgrind)
 
     @property
     def proc(self) -> subprocess.Popen[str] | None:
@@ -165,7 +166,7 @@ class SwitchWithIssuers:
             f'[timeouts]\nissuer = 2.0\n{issuer_cfg}',
             encoding="utf-8",
         )
-        self.server = ServerProcess([sys.executable, "-m", "switch.cli", "serve", "--config", str(config)],
+        self.server = ServerProcess([*self.wrapper, sys.executable, "-m", "switch.cli", "serve", "--config", str(config)],
                                     SWITCH_READY)
         return self.server.start(timeout)
 
