@@ -20,6 +20,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -153,30 +154,40 @@ def check_readable(store: SqliteStore, token: str, journal_rows: int = JOURNAL_R
 
 
 def every_blob(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Every wrapped value in the raw database, found without the rotation's own column list:
-    each BLOB value of every table, the hex pan-token key, and each transfer leg's pan_enc."""
+    """Every wrapped value in the raw SQLite database (see ``wrapped_values``)."""
     with sqlite3.connect(path) as db:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in tables:
-            cur = db.execute(f"SELECT * FROM {table}")
-            names = [d[0] for d in cur.description]
-            for row in cur:
-                for name, value in zip(names, row):
-                    if isinstance(value, bytes):
-                        yield f"{table}.{name}", value
-        for (hex_key,) in db.execute("SELECT value FROM meta WHERE key='pan_token_key'"):
-            yield "meta.pan_token_key", bytes.fromhex(hex_key)
-        for (legs,) in db.execute("SELECT legs FROM journal WHERE legs IS NOT NULL"):
-            for leg in json.loads(legs):
-                yield "journal.legs", bytes.fromhex(leg["pan_enc"])
+        yield from wrapped_values(db, tables)
 
 
-def key_ids_in(path: Path) -> dict[str | None, int]:
+def wrapped_values(db: Any, tables: list[str]) -> Iterator[tuple[str, bytes]]:
+    """Every wrapped value of a sqlite3 or psycopg connection, found without the rotation's own
+    column list: each binary value of every table, the hex pan-token key, and each transfer
+    leg's pan_enc."""
+    for table in tables:
+        cur = db.execute(f"SELECT * FROM {table}")
+        names = [d[0] for d in cur.description or ()]
+        for row in cur:
+            for name, value in zip(names, row):
+                if isinstance(value, (bytes, memoryview)):
+                    yield f"{table}.{name}", bytes(value)
+    for (hex_key,) in db.execute("SELECT value FROM meta WHERE key = 'pan_token_key'"):
+        yield "meta.pan_token_key", bytes.fromhex(hex_key)
+    for (legs,) in db.execute("SELECT legs FROM journal WHERE legs IS NOT NULL"):
+        for leg in json.loads(legs):
+            yield "journal.legs", bytes.fromhex(leg["pan_enc"])
+
+
+def count_key_ids(blobs: Iterator[tuple[str, bytes]]) -> dict[str | None, int]:
     counts: dict[str | None, int] = {}
-    for _, blob in every_blob(path):
+    for _, blob in blobs:
         kid = blob_key_id(blob)
         counts[kid] = counts.get(kid, 0) + 1
     return counts
+
+
+def key_ids_in(path: Path) -> dict[str | None, int]:
+    return count_key_ids(every_blob(path))
 
 
 def meta_key_id(path: Path) -> str:

@@ -9,7 +9,6 @@ rotation lock, and ``switch keys rotate-master --config`` / ``set-zpk`` work on 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,11 +26,12 @@ from switch.crypto.keystore import (
     OLD_KEY_FILE_PREFIX,
     MasterKey,
     MasterKeyring,
-    blob_key_id,
 )
 
 from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
-from tests.admin.test_rotation import JOURNAL_ROWS, check_readable, entry, seed_into
+from tests.admin.test_rotation import (
+    JOURNAL_ROWS, check_readable, count_key_ids, entry, seed_into, wrapped_values,
+)
 
 pytestmark = [pytest.mark.postgres]
 
@@ -56,31 +56,15 @@ def seed(data: Path, dsn: str) -> str:
 
 
 def every_blob(dsn: str) -> Iterator[tuple[str, bytes]]:
-    """Every wrapped value in the database, found without the rotation's column list: each bytea
-    value of every table, the hex pan-token key and each transfer leg's pan_enc."""
+    """Every wrapped value in the database (see test_rotation.wrapped_values)."""
     with psycopg.connect(dsn) as db:
         tables = [r[0] for r in db.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
-        for table in tables:
-            cur = db.execute(f"SELECT * FROM {table}")
-            names = [d.name for d in cur.description or ()]
-            for row in cur:
-                for name, value in zip(names, row):
-                    if isinstance(value, (bytes, memoryview)):
-                        yield f"{table}.{name}", bytes(value)
-        for (hex_key,) in db.execute("SELECT value FROM meta WHERE key = 'pan_token_key'"):
-            yield "meta.pan_token_key", bytes.fromhex(hex_key)
-        for (legs,) in db.execute("SELECT legs FROM journal WHERE legs IS NOT NULL"):
-            for leg in json.loads(legs):
-                yield "journal.legs", bytes.fromhex(leg["pan_enc"])
+        yield from wrapped_values(db, tables)
 
 
 def key_ids_in(dsn: str) -> dict[str | None, int]:
-    counts: dict[str | None, int] = {}
-    for _, blob in every_blob(dsn):
-        kid = blob_key_id(blob)
-        counts[kid] = counts.get(kid, 0) + 1
-    return counts
+    return count_key_ids(every_blob(dsn))
 
 
 def meta_key_id(dsn: str) -> str:
