@@ -509,7 +509,12 @@ class SqliteStore:
         )
 
         def op(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE terminals SET key_mode=?, pik=?, mak=?, tdk=? WHERE tid=?", args)
+            # stamped like a back-office change: every process sharing the store re-reads the keys
+            # at its next change poll, so a sign-on's or a revocation's old keys stop working there
+            db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'change_seq'")
+            seq = int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
+            db.execute("UPDATE terminals SET key_mode=?, pik=?, mak=?, tdk=?, change_seq=? WHERE tid=?",
+                       (*args[:4], seq, args[4]))
 
         return op
 

@@ -300,6 +300,7 @@ class TransactionManager:
         ops = []
         for kind, terminal in ctx.ops:
             if kind == "terminal_keys":
+                terminal.keys_pending = True  # until the commit below: see reload.py
                 ops.append(store.op_terminal_keys(terminal))
             else:
                 ops.append(store.op_terminal_batch(terminal))
@@ -356,6 +357,9 @@ class TransactionManager:
         if ctx.claimed and ctx.dup_key is not None and self.state.dup_claims is not None:
             ops.append(self.state.dup_claims.op_release(ctx.dup_key))  # the journal row answers now
         await store.write(*ops, store.op_journal(entry))
+        for kind, terminal in ctx.ops:
+            if kind == "terminal_keys":
+                terminal.keys_pending = False
         if notify:
             assert outbox is not None
             outbox.wake()

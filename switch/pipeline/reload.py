@@ -2,9 +2,10 @@
 enabled, upgraded by ``switch merchant`` / ``switch terminal``).
 
 The back office bumps ``meta.change_seq`` and stamps the rows it changed; the switch polls that
-number and reloads only those rows. Fields the switch itself owns at run time (working keys,
-batch, parameters downloaded) are kept from memory; what the back office owns (state, merchant,
-role, limits, fee, name) is taken from the store. A change to what parameter download reports
+number and reloads only those rows. Working keys are taken from the store when another process
+issued or revoked them (their commit stamps the row too), never over this process's own change
+still in flight; the batch and parameters downloaded are kept from memory; what the back office
+owns (state, merchant, role, limits, fee, name) is taken from the store. A change to what parameter download reports
 makes the merchant's terminals see header digit 6 = ``1`` (§9.3).
 """
 
@@ -54,6 +55,13 @@ def reload_changes(state: SwitchState, seen: int) -> int:
             cur_t.state = t.state
         if t.tmk is not None and t.tmk != cur_t.tmk:  # an operator loaded a new TMK
             cur_t.tmk = t.tmk
+        # working keys another process issued or revoked (a sign-on, sign-off, MAC failure limit):
+        # the old ones stop working here too (§8), unless this process's own change is in flight
+        if not cur_t.keys_pending and (t.key_mode, t.pik, t.mak, t.tdk) != (
+            cur_t.key_mode, cur_t.pik, cur_t.mak, cur_t.tdk
+        ):
+            cur_t.key_mode, cur_t.pik, cur_t.mak, cur_t.tdk = t.key_mode, t.pik, t.mak, t.tdk
+            cur_t.mac_failures.clear()
     log.info("back-office changes up to #%d loaded", seq)
     return seq
 

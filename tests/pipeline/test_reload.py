@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from switch.adapters.sqlite_store import SqliteStore
 from switch.admin.onboarding import add_terminal, set_terminal_state
 from switch.pipeline.reload import reload_changes
 
@@ -47,3 +48,45 @@ async def test_the_back_office_still_disables_an_active_terminal(harness: Harnes
     assert set_terminal_state(harness.store, "20000001", "disabled")
     reload_changes(harness.state, seen)
     assert harness.state.terminals["20000001"].state == "disabled"
+
+
+def _other_process_writes_keys(h: Harness, tid: str, *, revoke: bool) -> None:
+    """What another process sharing the store commits for a sign-on (new keys) or a revocation."""
+    other = SqliteStore(h.store.path, h.store.master_key)
+    other.open()
+    try:
+        t = other.load_terminals("tid = ?", (tid,))[tid]
+        if revoke:
+            t.revoke_keys()
+        else:
+            t.key_mode, t.pik, t.mak, t.tdk = "003", bytes(range(16)), bytes(range(8)), bytes(range(16))
+        other.db.execute("BEGIN IMMEDIATE")
+        other.op_terminal_keys(t)(other.db)
+        other.db.execute("COMMIT")
+    finally:
+        other.close()
+
+
+async def test_keys_revoked_by_another_process_stop_working_here(harness: Harness) -> None:
+    client = await harness.ready("10000001")
+    seen = _seq(harness)
+    _other_process_writes_keys(harness, "10000001", revoke=True)  # e.g. its MAC failure limit
+    reload_changes(harness.state, seen)
+    assert harness.state.terminals["10000001"].mak is None
+    fields = client.card_fields(processing_code="000000", type_code="22", card="6222029375642931684",
+                                amount_fen=100, pin="123456", expiry="3012")
+    assert (await harness.send(client, "0200", fields, mac=True)).code == "77"  # sign on first
+
+
+async def test_a_reload_never_puts_older_keys_over_this_process_s_own_change(harness: Harness) -> None:
+    await harness.ready("10000001")
+    terminal = harness.state.terminals["10000001"]
+    seen = _seq(harness)
+    _other_process_writes_keys(harness, "10000001", revoke=False)
+    mine = terminal.mak
+    terminal.keys_pending = True  # a sign-on of ours whose row is still in the group commit
+    reload_changes(harness.state, seen)
+    assert terminal.mak == mine
+    terminal.keys_pending = False  # committed: the store's row is now the truth
+    reload_changes(harness.state, seen)
+    assert terminal.mak == bytes(range(8))
