@@ -32,12 +32,10 @@ FUZZ = settings(
 )
 MAX_FRAME = 2048
 
-# Known bug (see test_partial_never_holds_the_field_that_failed below): after a pad-nibble error
-# in an odd-length n/z field, CodecError.partial holds that field with its pad nibble counted as a
-# digit (an even digit count). The properties below skip exactly that case so they keep guarding
-# the rest; the xfail tests pin it.
-# Shrunk inputs of that bug, found by these properties: F60 of 11 digits whose pad nibble is 5
-# (a 30 would echo 12 digits), and F60 of 17 digits whose pad nibble is 5 (the 30 cannot be encoded).
+# Inputs the properties once shrank to (a pad-nibble error in an odd-length n field used to leave
+# that field, pad nibble counted as a digit, in CodecError.partial; fixed, and pinned by the two
+# tests at the end): F60 of 11 digits whose pad nibble is 5 (a 30 would have echoed 12 digits), and
+# F60 of 17 digits whose pad nibble is 5 (the 30 could not be encoded).
 F60_BAD_PAD_11 = bytes.fromhex(
     "0800" "0020000000C00010" "000001" "3130303030303031" "383938333130303438393930303031"
     "0011" "000000010045"
@@ -161,7 +159,7 @@ def test_read_request_never_raises_and_a_30_echoes_f11_f41(frame: bytes) -> None
         assert fields.get(k) == parsed.partial.get(k), f"F{k} echoed as decoded"
 
 
-# ---- the bug the properties found -------------------------------------------------------------------
+# ---- the bug the properties found (fixed) -------------------------------------------------------------------
 def test_partial_never_holds_the_field_that_failed() -> None:
     """switch/core/codec.py, Codec.decode -> _typed_partial: pyiso8583 leaves the raw hex of a field
     whose odd-length pad nibble is not 0 in doc_dec; it passes the digit check and lands in
