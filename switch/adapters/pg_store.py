@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -215,6 +216,7 @@ class PostgresStore(SqliteStore):
         self._queue: list[_Pending] = []
         self._wakeup = anyio.Event()
         self._closing = False
+        self._committer: ThreadPoolExecutor | None = None
         self._rrn_next = 0
         self._rrn_limit = 0
         self._pan_key = b""
