@@ -225,11 +225,13 @@ class JournalEntry:
     )
 
     def row(self) -> tuple[Any, ...]:
-        values = _JOURNAL_ROW(self)  # one C call for every column, in COLUMNS order
-        return tuple(int(v) if type(v) is bool else v for v in values)
+        values = list(_JOURNAL_ROW(self))  # one C call for every column, in COLUMNS order
+        values[_NEEDS_REVERSAL] = int(values[_NEEDS_REVERSAL])  # the one bool column
+        return tuple(values)
 
 
 _JOURNAL_ROW = operator.attrgetter(*JournalEntry.COLUMNS)
+_NEEDS_REVERSAL = JournalEntry.COLUMNS.index("needs_reversal")
 
 _INSERT_JOURNAL = (
     f"INSERT INTO journal ({', '.join(JournalEntry.COLUMNS)}) "

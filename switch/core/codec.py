@@ -239,8 +239,8 @@ class Codec:
                 not width or len(value) == width
             ):
                 doc[skey] = value
-            elif kind == _TEXT and type(value) is str and not width:
-                doc[skey] = value
+            elif kind == _TEXT and type(value) is str and (not width or (len(value) == width and value.isascii())):
+                doc[skey] = value  # variable length, or fixed and already full width (ASCII: 1 byte a char)
             else:
                 doc[skey] = self._to_wire(key, self._spec[skey], value)
         try:
