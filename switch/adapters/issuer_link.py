@@ -11,6 +11,7 @@ must never log a PAN, track, PIN block or key: log lines carry the issuer, MTI a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -346,8 +347,13 @@ class TcpIssuerLink:
         outbox.append(waiter)
         self._outbox_ready.set()
         try:
-            with anyio.move_on_after(timeout):
+            # the timeout as a timer on the loop that wakes the waiter (cheaper than a cancel
+            # scope per request); a wake-up with neither reply nor error is the timeout
+            timer = asyncio.get_running_loop().call_later(timeout, waiter.done.set)
+            try:
                 await waiter.done.wait()
+            finally:
+                timer.cancel()
             if waiter.reply is not None:
                 return waiter.reply
             if waiter.error is not None:
