@@ -241,6 +241,19 @@ _INSERT_JOURNAL = (
 Op = Callable[[sqlite3.Connection], None]
 
 
+async def _wait_shielded(done: anyio.Event | asyncio.Future[None]) -> None:
+    """Wait for ``done`` even if this task is cancelled meanwhile (the cancellation is re-raised
+    afterwards). The shielded scope is only built on that rare path: on the common one a plain
+    wait is cheaper than entering and leaving a cancel scope on every journal write."""
+    # (a future is awaited through asyncio.shield: a cancelled awaiter must not cancel it)
+    try:
+        await (done.wait() if isinstance(done, anyio.Event) else asyncio.shield(done))
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await (done.wait() if isinstance(done, anyio.Event) else asyncio.shield(done))
+        raise
+
+
 @dataclass
 class _Pending:
     ops: list[Op]
@@ -542,8 +555,7 @@ class SqliteStore:
         p = _Pending(list(ops))
         self._queue.append(p)
         self._wakeup.set()
-        with anyio.CancelScope(shield=True):
-            await p.done.wait()
+        await _wait_shielded(p.done)
         if p.error is not None:
             raise StoreError("journal write failed") from p.error
 
@@ -570,10 +582,11 @@ class SqliteStore:
         if self._committer is None:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-commit")
         done = asyncio.get_running_loop().run_in_executor(self._committer, self._commit, batch)
-        with anyio.CancelScope(shield=True):  # a commit once started is always waited for
-            await done
-        for p in batch:
-            p.done.set()
+        try:
+            await _wait_shielded(done)  # a commit once started is always waited for
+        finally:  # also when the writer was cancelled meanwhile: the batch is committed
+            for p in batch:
+                p.done.set()
 
     def _commit(self, batch: list[_Pending]) -> None:
         with self._commit_lock:
