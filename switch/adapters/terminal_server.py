@@ -147,33 +147,38 @@ class TerminalServer:
                     # read_timeout runs from the first byte of a frame, not from the last chunk: a
                     # client trickling a byte at a time is closed all the same (slowloris)
                     frame_deadline = math.inf
+
+                    def next_deadline() -> float:
+                        if reader.mid_frame:
+                            return frame_deadline
+                        return anyio.current_time() + s.idle_timeout if s.idle_timeout > 0 else math.inf
+
                     try:
-                        while True:
+                        while True:  # one iteration per timeout; ends with the connection
+                            # one scope for many reads, its deadline moved after each (cheaper
+                            # than a new cancel scope per read); off while frames are dispatched
+                            with anyio.CancelScope(deadline=next_deadline()) as t:
+                                while True:  # one iteration per read; left by a timeout or an error
+                                    chunk = await stream.receive(65536)
+                                    t.deadline = math.inf
+                                    was_mid_frame = reader.mid_frame
+                                    reader.receive_data(chunk)
+                                    completed = False
+                                    while (frame := reader.next_frame()) is not None:
+                                        completed = True
+                                        try:  # as for write_lock: the fast path without checkpoints
+                                            slots.acquire_nowait()
+                                        except anyio.WouldBlock:
+                                            await slots.acquire()
+                                        in_flight[0] += 1
+                                        handlers.start_soon(respond, frame)
+                                    if reader.mid_frame and (completed or not was_mid_frame):
+                                        frame_deadline = anyio.current_time() + s.read_timeout  # a new frame began
+                                    t.deadline = next_deadline()
                             if reader.mid_frame:
-                                timeout = frame_deadline - anyio.current_time()
-                            else:
-                                timeout = s.idle_timeout if s.idle_timeout > 0 else math.inf
-                            with anyio.move_on_after(max(timeout, 0.0)) as t:
-                                chunk = await stream.receive(65536)
-                            if t.cancelled_caught:
-                                if reader.mid_frame:
-                                    raise _Closed("read_timeout")
-                                if in_flight[0] == 0:  # not idle while answers are still due
-                                    raise _Closed("idle_timeout")
-                                continue
-                            was_mid_frame = reader.mid_frame
-                            reader.receive_data(chunk)
-                            completed = False
-                            while (frame := reader.next_frame()) is not None:
-                                completed = True
-                                try:  # as for write_lock: the fast path without checkpoints
-                                    slots.acquire_nowait()
-                                except anyio.WouldBlock:
-                                    await slots.acquire()
-                                in_flight[0] += 1
-                                handlers.start_soon(respond, frame)
-                            if reader.mid_frame and (completed or not was_mid_frame):
-                                frame_deadline = anyio.current_time() + s.read_timeout  # a new frame began
+                                raise _Closed("read_timeout")
+                            if in_flight[0] == 0:  # not idle while answers are still due
+                                raise _Closed("idle_timeout")
                     except FramingError as exc:
                         reason = exc.reason
                         self.metrics.malformed_frame(exc.reason)
