@@ -47,7 +47,6 @@ from switch.adapters.sqlite_store import (
 )
 from switch.app import seed_demo
 from switch.core.codec import Codec, Fields, FieldValue, load_dialect
-from switch.core.framing import FrameReader
 from switch.crypto.keystore import KeyWrapper, MasterKey
 from switch.crypto.working_keys import parse_f62
 from switch.demo_fixture import TERMINALS_BY_TID
@@ -61,6 +60,7 @@ from switch.pipeline.saf import IntentTakenOver, StoreAndForward
 from switch.ports import IssuerUnavailable, Metrics, NullMetrics
 from switch.pos.client import TerminalClient
 from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
+from tests.manager_io import round_trip
 
 MK = MasterKey.from_hex("00" * 32)
 TMK_1 = bytes.fromhex("E54E7BCB2078DE2AF51B9DA88AB5B395")
@@ -700,18 +700,7 @@ CARD = "6222029375642931684"  # ICBC
 async def _exchange(manager: TransactionManager, client: TerminalClient, mti: str,
                     fields: dict[int, FieldValue], *, mac: bool) -> tuple[str, Fields]:
     raw, _ = client.build_frame(mti, fields, mac=mac)
-    reader = FrameReader(4096)
-    reader.receive_data(raw)
-    frame = reader.next_frame()
-    assert frame is not None
-    with anyio.fail_after(10):
-        data = await manager.handle(frame)
-    assert data is not None
-    out = FrameReader(4096)
-    out.receive_data(data)
-    resp = out.next_frame()
-    assert resp is not None
-    return Codec(load_dialect("terminal")).decode(resp.body)
+    return await round_trip(manager, raw)
 
 
 @pytest.mark.anyio

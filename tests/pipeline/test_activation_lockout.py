@@ -17,14 +17,14 @@ import anyio
 import pytest
 
 from switch.adapters.sqlite_store import SqliteStore
-from switch.core.codec import Codec, load_dialect
-from switch.core.framing import FrameReader
 from switch.crypto.activation import generate_terminal_key, public_key_der
 from switch.crypto.keystore import MasterKey
 from switch.pipeline.activation import MAX_WRONG, WINDOW_SECONDS, ActivationGuard
 from switch.pipeline.context import SwitchState
 from switch.pipeline.manager import TransactionManager
 from switch.pos.client import TerminalClient
+from tests.manager_io import round_trip
+from tests.manager_io import second_process as shared_second_process
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; its classes are imported for typing only
     from conftest import Harness, RecordingMetrics
@@ -55,18 +55,7 @@ async def activate(manager: TransactionManager, code: str, peer: str, stan: int)
     client = TerminalClient("127.0.0.1", 1, " " * 8, " " * 15, bytes(16))
     raw, _ = client.build_frame("0800", {11: f"{stan:06d}", 41: " " * 8, 42: " " * 15, 60: "00000001351",
                                          62: code.encode() + public_key()}, mac=False)
-    reader = FrameReader(4096, peer)
-    reader.receive_data(raw)
-    frame = reader.next_frame()
-    assert frame is not None
-    with anyio.fail_after(10):
-        data = await manager.handle(frame)
-    assert data is not None
-    out = FrameReader(4096)
-    out.receive_data(data)
-    resp = out.next_frame()
-    assert resp is not None
-    _, fields = Codec(load_dialect("terminal")).decode(resp.body)
+    _, fields = await round_trip(manager, raw, peer)
     code39 = fields[39]
     assert isinstance(code39, str)
     return code39
@@ -78,22 +67,10 @@ def wrong_code(i: int) -> str:
 
 @asynccontextmanager
 async def second_process(h: Harness, tmp_path: Path) -> AsyncIterator[TransactionManager]:
-    """Another switch process on the harness's database file (its own store, writer and state)."""
-    store = SqliteStore(tmp_path / "switch.db", MasterKey(bytes(range(32))), h.metrics)
-    store.open()
-    try:
-        old = h.state
-        state = SwitchState(codec=old.codec, issuer_codec=old.issuer_codec, terminals=store.load_terminals(),
-                            merchants=store.load_merchants(), routes=old.routes, links=old.links,
-                            zone_pin_keys=store.load_zone_pin_keys(), metrics=h.metrics, settings=old.settings)
-        state.activation_guard = ActivationGuard(old.activation_guard.clock)
-        manager = TransactionManager(state, store)
-        async with anyio.create_task_group() as tg:
-            await tg.start(store.run_writer)
-            yield manager
-            tg.cancel_scope.cancel()
-    finally:
-        store.close()
+    """Another switch process on the harness's database file, on the harness's clock."""
+    async with shared_second_process(h.state, tmp_path / "switch.db", h.metrics) as (manager, state):
+        state.activation_guard = ActivationGuard(h.state.activation_guard.clock)
+        yield manager
 
 
 class CountingMetrics:

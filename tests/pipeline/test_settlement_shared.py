@@ -9,8 +9,7 @@ same database file, with its own group-commit writer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +17,11 @@ import anyio
 import pytest
 
 from switch.adapters.sqlite_store import SqliteStore
-from switch.core.codec import Codec, load_dialect
-from switch.core.framing import FrameReader
-from switch.crypto.keystore import MasterKey
 from switch.pipeline.context import SwitchState
 from switch.pipeline.manager import TransactionManager
 from switch.pos.client import TerminalClient
+from tests.manager_io import round_trip
+from tests.manager_io import second_process as shared_second_process
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; its classes are imported for typing only
     from conftest import Harness
@@ -41,38 +39,13 @@ def settlement(client: TerminalClient, debit: int, dn: int, batch: str | None = 
 
 async def through(manager: TransactionManager, raw: bytes) -> tuple[str, str]:
     """One frame through ``manager``: (F39, F48) of the 0510."""
-    reader = FrameReader(4096)
-    reader.receive_data(raw)
-    frame = reader.next_frame()
-    assert frame is not None
-    with anyio.fail_after(10):
-        data = await manager.handle(frame)
-    assert data is not None, "closed instead of answering"
-    out = FrameReader(4096)
-    out.receive_data(data)
-    resp = out.next_frame()
-    assert resp is not None
-    mti, fields = Codec(load_dialect("terminal")).decode(resp.body)
+    mti, fields = await round_trip(manager, raw)
     assert mti == "0510"
     return str(fields[39]), str(fields.get(48, ""))
 
 
-@asynccontextmanager
-async def second_process(h: Harness, tmp_path: Path) -> AsyncIterator[tuple[TransactionManager, SwitchState]]:
-    store = SqliteStore(tmp_path / "switch.db", MasterKey(bytes(range(32))), h.metrics)
-    store.open()
-    try:
-        old = h.state
-        state = SwitchState(codec=old.codec, issuer_codec=old.issuer_codec, terminals=store.load_terminals(),
-                            merchants=store.load_merchants(), routes=old.routes, links=old.links,
-                            zone_pin_keys=store.load_zone_pin_keys(), metrics=h.metrics, settings=old.settings)
-        manager = TransactionManager(state, store)
-        async with anyio.create_task_group() as tg:
-            await tg.start(store.run_writer)
-            yield manager, state
-            tg.cancel_scope.cancel()
-    finally:
-        store.close()
+def second_process(h: Harness, tmp_path: Path) -> AbstractAsyncContextManager[tuple[TransactionManager, SwitchState]]:
+    return shared_second_process(h.state, tmp_path / "switch.db", h.metrics)
 
 
 async def consume(h: Harness, client: TerminalClient, amount: int) -> None:
