@@ -43,7 +43,7 @@ import anyio.abc
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from switch.adapters.http_endpoint import HttpResponse, find_head_end, serve_bounded
+from switch.adapters.http_endpoint import HttpResponse, drain, find_head_end, serve_bounded
 from switch.adapters.sqlite_store import SqliteStore
 from switch.admin import onboarding, queries
 from switch.admin.onboarding import OnboardingError
@@ -68,8 +68,6 @@ MAX_HEADERS = 64
 MAX_QUERY_FIELDS = 16
 READ_TIMEOUT_S = 5.0
 WRITE_TIMEOUT_S = 5.0
-DRAIN_TIMEOUT_S = 1.0
-DRAIN_MAX_BYTES = 64 * 1024
 MAX_CONNECTIONS = 32
 
 JSON = "application/json; charset=utf-8"
@@ -337,17 +335,6 @@ async def _read_request(
     return None
 
 
-async def _drain(stream: anyio.abc.ByteStream) -> None:
-    """Read and discard what the peer still sends, so closing does not reset our response away."""
-    received = 0
-    with anyio.move_on_after(DRAIN_TIMEOUT_S):
-        while received < DRAIN_MAX_BYTES:
-            try:
-                received += len(await stream.receive())
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-
-
 async def _handle(
     stream: anyio.abc.ByteStream, store: SqliteStore, token: str, read_timeout: float
 ) -> None:
@@ -363,7 +350,7 @@ async def _handle(
         with anyio.move_on_after(WRITE_TIMEOUT_S):
             await stream.send(response.encode())
             await stream.send_eof()
-            await _drain(stream)
+            await drain(stream)
 
 
 async def serve_admin(

@@ -143,7 +143,7 @@ def _too_large() -> HttpResponse:
     return _text(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
 
 
-async def _drain(stream: anyio.abc.ByteStream) -> None:
+async def drain(stream: anyio.abc.ByteStream) -> None:
     """Read and discard what the peer still sends, so closing does not reset our response away."""
     received = 0
     with anyio.move_on_after(DRAIN_TIMEOUT_S):
@@ -170,7 +170,7 @@ async def _handle(
         with anyio.move_on_after(WRITE_TIMEOUT_S):
             await stream.send(response.encode())
             await stream.send_eof()
-            await _drain(stream)
+            await drain(stream)
 
 
 async def serve_http(
