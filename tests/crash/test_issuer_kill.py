@@ -16,12 +16,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from switch.adapters.sqlite_store import SqliteStore
-from switch.app import load_master_key, seed_demo
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient
 
-from procs import free_port, reap, spawn, wait_port
+from procs import reap, spawn, wait_port
+from tests.crash.test_kill9 import seeded_switch
 
 pytestmark = [pytest.mark.anyio, pytest.mark.crash]
 
@@ -37,16 +36,7 @@ def rows(data: Path, sql: str) -> list[tuple]:
 
 
 async def test_issuer_killed_and_restarted_mid_load(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "switch.db", load_master_key(tmp_path, create=True))
-    store.open()
-    seed_demo(store)
-    store.close()
-    port, metrics, icbc = free_port(), free_port(), free_port()
-    (tmp_path / "switch.toml").write_text(
-        f'[switch]\nport = {port}\nmetrics_port = {metrics}\ndata_dir = "{tmp_path}"\nlog_format = "text"\n'
-        f'[timeouts]\nissuer = 1.0\n[[issuers]]\nname = "ICBC"\nport = {icbc}\nprefixes = ["622202"]\n',
-        encoding="utf-8",
-    )
+    port, metrics, icbc = seeded_switch(tmp_path, 1.0)
     issuer = spawn("issuer", "--name", "ICBC", "--port", str(icbc))
     switch = spawn("serve", "--config", str(tmp_path / "switch.toml"))
     try:

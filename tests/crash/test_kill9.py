@@ -47,17 +47,24 @@ def client(port: int, tid: str, first_stan: int) -> TerminalClient:
     return c
 
 
-async def test_kill9_under_load_loses_nothing(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "switch.db", load_master_key(tmp_path, create=True))
+def seeded_switch(data: Path, issuer_timeout: float) -> tuple[int, int, int]:
+    """A data directory with the §14 fixture and a switch.toml routing ICBC (622202) to a free
+    port; returns (terminal port, metrics port, ICBC port)."""
+    store = SqliteStore(data / "switch.db", load_master_key(data, create=True))
     store.open()
     seed_demo(store)
     store.close()
     port, metrics, icbc = free_port(), free_port(), free_port()
-    (tmp_path / "switch.toml").write_text(
-        f'[switch]\nport = {port}\nmetrics_port = {metrics}\ndata_dir = "{tmp_path}"\nlog_format = "text"\n'
-        f'[timeouts]\nissuer = 3.0\n[[issuers]]\nname = "ICBC"\nport = {icbc}\nprefixes = ["622202"]\n',
+    (data / "switch.toml").write_text(
+        f'[switch]\nport = {port}\nmetrics_port = {metrics}\ndata_dir = "{data}"\nlog_format = "text"\n'
+        f'[timeouts]\nissuer = {issuer_timeout}\n[[issuers]]\nname = "ICBC"\nport = {icbc}\nprefixes = ["622202"]\n',
         encoding="utf-8",
     )
+    return port, metrics, icbc
+
+
+async def test_kill9_under_load_loses_nothing(tmp_path: Path) -> None:
+    port, metrics, icbc = seeded_switch(tmp_path, 3.0)
     issuer = spawn("issuer", "--name", "ICBC", "--port", str(icbc))
     switch = spawn("serve", "--config", str(tmp_path / "switch.toml"))
     try:
