@@ -86,15 +86,17 @@ def _context(key: bytes, encrypt: bool) -> Any:
 def des_ecb_encrypt(key: bytes, data: bytes) -> bytes:
     """ECB-encrypt ``data`` (multiple of 8 bytes) under an 8-byte (DES) or 16-byte (3DES) key."""
     _check_data(data)
-    _expand(key)  # validates the length
-    return bytes(_context(bytes(key), True).update(data))
+    if len(key) not in (8, 16):
+        _expand(key)  # raises, naming the length
+    return bytes(_context(key if type(key) is bytes else bytes(key), True).update(data))
 
 
 def des_ecb_decrypt(key: bytes, data: bytes) -> bytes:
     """ECB-decrypt ``data`` (multiple of 8 bytes) under an 8-byte (DES) or 16-byte (3DES) key."""
     _check_data(data)
-    _expand(key)
-    return bytes(_context(bytes(key), False).update(data))
+    if len(key) not in (8, 16):
+        _expand(key)  # raises, naming the length
+    return bytes(_context(key if type(key) is bytes else bytes(key), False).update(data))
 
 
 def check_value(key: bytes) -> bytes:

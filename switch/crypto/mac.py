@@ -68,8 +68,14 @@ def mac_steps(mak: bytes, mab: bytes) -> MacSteps:
 
 
 def cup_mac(mak: bytes, mab: bytes) -> bytes:
-    """The 8 ASCII bytes of F64 for ``mab`` under the 8-byte ``mak``."""
-    return mac_steps(mak, mab).f64
+    """The 8 ASCII bytes of F64 for ``mab`` under the 8-byte ``mak`` (mac_steps without keeping
+    the steps: every request computes one or two of these)."""
+    if len(mak) != 8:
+        raise ValueError(f"MAK must be 8 bytes, got {len(mak)}")
+    hex_ascii = _xor_blocks(mab).hex().upper().encode("ascii")
+    e1 = des_ecb_encrypt(mak, hex_ascii[:BLOCK])
+    e2 = des_ecb_encrypt(mak, _xor(e1, hex_ascii[BLOCK:]))
+    return e2.hex().upper()[:BLOCK].encode("ascii")
 
 
 def verify_mac(mak: bytes, mab: bytes, f64: bytes) -> bool:
