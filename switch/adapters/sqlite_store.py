@@ -241,6 +241,15 @@ _INSERT_JOURNAL = (
 Op = Callable[[sqlite3.Connection], None]
 
 
+def next_change_seq(db: Any) -> int:
+    """Bump ``meta.change_seq`` inside the caller's transaction and return the new value, for
+    the rows that transaction changes: every running switch process reloads rows stamped above
+    the number it last saw (switch/pipeline/reload.py). ``db``: a sqlite3 connection or the
+    PostgreSQL store's translating one."""
+    db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'change_seq'")
+    return int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
+
+
 async def _wait_shielded(done: anyio.Event | asyncio.Future[None]) -> None:
     """Wait for ``done`` even if this task is cancelled meanwhile (the cancellation is re-raised
     afterwards). The shielded scope is only built on that rare path: on the common one a plain
@@ -532,10 +541,8 @@ class SqliteStore:
         def op(db: sqlite3.Connection) -> None:
             # stamped like a back-office change: every process sharing the store re-reads the keys
             # at its next change poll, so a sign-on's or a revocation's old keys stop working there
-            db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'change_seq'")
-            seq = int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
             db.execute("UPDATE terminals SET key_mode=?, pik=?, mak=?, tdk=?, change_seq=? WHERE tid=?",
-                       (*args[:4], seq, args[4]))
+                       (*args[:4], next_change_seq(db), args[4]))
 
         return op
 

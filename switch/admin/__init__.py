@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from switch.adapters.sqlite_store import SqliteStore
+from switch.adapters.sqlite_store import SqliteStore, next_change_seq
 
 __all__ = ["DSN_ENV", "StoreTarget", "add_store_arguments", "bump_change_seq", "open_store", "target_of"]
 
@@ -126,5 +126,4 @@ def open_store(where: Path | StoreTarget, *, create_key: bool = False) -> Iterat
 def bump_change_seq(store: SqliteStore) -> int:
     """Tell a running switch that merchants or terminals changed (it reloads rows whose
     change_seq is above the one it saw). Call inside the transaction that made the change."""
-    store.db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'change_seq'")
-    return int(store.db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
+    return next_change_seq(store.db)

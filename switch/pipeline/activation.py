@@ -22,6 +22,7 @@ import time
 from datetime import timezone
 from typing import TYPE_CHECKING, Callable
 
+from switch.adapters.sqlite_store import next_change_seq
 from switch.crypto.activation import ActivationKeyError, wrap_tmk_for_terminal
 from switch.crypto.des import generate_key
 from switch.domain.codes import ResultCode
@@ -110,8 +111,7 @@ def activate(state: SwitchState, ctx: Context) -> None:
     def op(db: sqlite3.Connection) -> None:
         # stamped like a back-office change, so every other process sharing the store reloads
         # this terminal (state and TMK) at its next change poll instead of answering its sign-on 97
-        db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'change_seq'")
-        seq = int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
+        seq = next_change_seq(db)
         db.execute(
             "UPDATE terminals SET state = 'active', tmk = ?, key_mode = NULL, pik = NULL, mak = NULL,"
             " tdk = NULL, activation_code_hash = NULL, activation_expires = NULL, activated_at = ?,"

@@ -5,8 +5,8 @@ The back office bumps ``meta.change_seq`` and stamps the rows it changed; the sw
 number and reloads only those rows. Working keys are taken from the store when another process
 issued or revoked them (their commit stamps the row too), never over this process's own change
 still in flight; the batch and parameters downloaded are kept from memory; what the back office
-owns (state, merchant, role, limits, fee, name) is taken from the store. A change to what parameter download reports
-makes the merchant's terminals see header digit 6 = ``1`` (§9.3).
+owns (state, merchant, role, limits, fee, name) is taken from the store. A change to what
+parameter download reports makes the merchant's terminals see header digit 6 = ``1`` (§9.3).
 """
 
 from __future__ import annotations
