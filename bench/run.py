@@ -165,6 +165,10 @@ class Bench:
             tps = float(closed["result"]["tps"])
             await self.switch_phase("switch-open-80", port, books, tids, terminals_file, mode="open",
                                     mix="consume", rate=max(1.0, 0.8 * tps))
+            if self.args.soak:
+                # before the overload phases of the sweep: their queues (at 100-110 % of the closed
+                # loop) raise the heap's high-water mark, and growth below it would not show in RSS
+                await self.soak(port, books, tids, terminals_file, rate=max(1.0, 0.5 * tps))
             if self.args.full:
                 await self.switch_phase("switch-closed-realistic", port, books, tids, terminals_file,
                                         mode="closed", mix="realistic")
@@ -173,8 +177,6 @@ class Bench:
                         continue
                     await self.switch_phase(f"switch-open-{int(f * 100)}", port, books, tids, terminals_file,
                                             mode="open", mix="consume", rate=max(1.0, f * tps))
-                if self.args.soak:
-                    await self.soak(port, books, tids, terminals_file, rate=max(1.0, 0.5 * tps))
         finally:
             code = server.stop()
             if code not in (0, None):
