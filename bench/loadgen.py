@@ -150,6 +150,9 @@ class TxnStats:
     approved_fen: int = 0
 
 
+TIMELINE_SLOT = 0.5  # seconds per slot of worst_ms_by_slot
+
+
 class Run:
     """The shared state of one generator run: budget, clocks, histogram and accounting."""
 
@@ -166,6 +169,7 @@ class Run:
         self.hist = HdrHistogram(1, HIST_MAX_US, 3)
         self.txns: dict[str, TxnStats] = {}
         self.delta_fen: Counter[str] = Counter()  # masked PAN -> expected available-balance movement
+        self.worst: dict[int, float] = {}  # TIMELINE_SLOT-second slot of the start -> worst latency (s)
 
     def may_send(self) -> bool:
         return self.sent < self.max_requests and time.perf_counter() < self.end
@@ -218,6 +222,9 @@ async def call(run: Run, term: SimTerminal, txn: str, stan: int, frame: bytes, t
         return None
     start = t_sched if t_sched is not None else t_send
     run.hist.record_value(min(HIST_MAX_US, max(1, int((t_recv - start) * 1e6))))
+    slot = int((start - run.t0) / TIMELINE_SLOT)
+    if t_recv - start > run.worst.get(slot, 0.0):
+        run.worst[slot] = t_recv - start
     run.answered += 1
     run.last_recv = max(run.last_recv, t_recv)
     stats.answered += 1
@@ -413,6 +420,9 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         "latency_us": latency,
         "latency_from": "scheduled time" if args.mode == "open" else "send time",
         "max_schedule_lag_ms": max_lag * 1e3 if args.mode == "open" else None,
+        # when the slow answers happened: the worst latency of the requests started in each slot
+        "worst_ms_by_slot": {f"{slot * TIMELINE_SLOT:.1f}": round(worst * 1e3, 2)
+                             for slot, worst in sorted(run.worst.items())},
         "generator_cpu": cpu / wall if wall > 0 else 0.0,
         "by_txn": {
             name: {"sent": s.sent, "answered": s.answered, "approved": s.approved, "approved_fen": s.approved_fen,
