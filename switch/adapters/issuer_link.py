@@ -15,7 +15,6 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -133,14 +132,19 @@ class _StanCounter:
 _QUEUED, _SENT = 0, 1
 
 
-@dataclass
 class _Waiter:
-    request_mti: str
-    frame: bytes = b""
-    state: int = 0  # _QUEUED until the writer takes the frame, then _SENT
-    done: anyio.Event = field(default_factory=anyio.Event)
-    reply: tuple[str, Fields] | None = None
-    error: Exception | None = None
+    """One request on the link: its frame, then its reply or error. ``done`` is an
+    ``asyncio.Event`` (anyio's costs a backend lookup per request to create)."""
+
+    __slots__ = ("request_mti", "frame", "state", "done", "reply", "error")
+
+    def __init__(self, request_mti: str, frame: bytes = b"") -> None:
+        self.request_mti = request_mti
+        self.frame = frame
+        self.state = _QUEUED  # until the link's write takes the frame, then _SENT
+        self.done = asyncio.Event()
+        self.reply: tuple[str, Fields] | None = None
+        self.error: Exception | None = None
 
 
 def _stamp(fields: Fields, stans: _StanCounter, in_flight: dict[str, _Waiter]) -> str:

@@ -20,17 +20,16 @@ in both engines).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, cast
 
-import anyio
 import psycopg
 from psycopg.types.numeric import NumericLoader
 
@@ -38,6 +37,7 @@ from switch.adapters.sqlite_store import (
     MIGRATIONS,
     RRN_BLOCK,
     SCHEMA_VERSION,
+    Committer,
     SqliteStore,
     StoreError,
     _Pending,
@@ -214,9 +214,9 @@ class PostgresStore(SqliteStore):
         self._commit_lock = threading.Lock()
         self._probe_ok = True
         self._queue: list[_Pending] = []
-        self._wakeup = anyio.Event()
+        self._wakeup = asyncio.Event()
         self._closing = False
-        self._committer: ThreadPoolExecutor | None = None
+        self._committer: Committer | None = None
         self._rrn_next = 0
         self._rrn_limit = 0
         self._pan_key = b""

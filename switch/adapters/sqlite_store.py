@@ -12,15 +12,16 @@ Holds no business rules: what to write is the pipeline's decision.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 import operator
 import os
+import queue
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -250,24 +251,64 @@ def next_change_seq(db: Any) -> int:
     return int(db.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()[0])
 
 
-async def _wait_shielded(done: anyio.Event | asyncio.Future[None]) -> None:
+async def _wait_shielded(done: asyncio.Event) -> None:
     """Wait for ``done`` even if this task is cancelled meanwhile (the cancellation is re-raised
     afterwards). The shielded scope is only built on that rare path: on the common one a plain
     wait is cheaper than entering and leaving a cancel scope on every journal write."""
-    # (a future is awaited through asyncio.shield: a cancelled awaiter must not cancel it)
     try:
-        await (done.wait() if isinstance(done, anyio.Event) else asyncio.shield(done))
+        await done.wait()
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
-            await (done.wait() if isinstance(done, anyio.Event) else asyncio.shield(done))
+            await done.wait()
         raise
 
 
-@dataclass
 class _Pending:
-    ops: list[Op]
-    done: anyio.Event = field(default_factory=anyio.Event)
-    error: BaseException | None = None
+    """One ``write``: its ops, set ``done`` once they are committed (or failed: ``error``).
+    An ``asyncio.Event``, not anyio's: a write is the hot path, and anyio's costs a backend
+    lookup to create and a wrapper to wait on."""
+
+    __slots__ = ("ops", "done", "error")
+
+    def __init__(self, ops: list[Op]) -> None:
+        self.ops = ops
+        self.done = asyncio.Event()
+        self.error: BaseException | None = None
+
+
+class Committer:
+    """The store's one commit thread. ``submit`` runs ``work(batch)`` there, in order, and
+    returns an event set on the event loop when it has run. A plain queue and
+    ``call_soon_threadsafe``: ``run_in_executor``'s concurrent future, its chaining to an
+    asyncio future and their callbacks cost more than the hand-off itself."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], asyncio.AbstractEventLoop, asyncio.Event] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Callable[[], None]) -> asyncio.Event:
+        done = asyncio.Event()
+        self._jobs.put((work, asyncio.get_running_loop(), done))
+        return done
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, loop, done = job
+            try:
+                work()
+            except BaseException:  # the work records its own errors; never lose the thread
+                log.exception("commit thread: unexpected error")
+            finally:
+                try:
+                    loop.call_soon_threadsafe(done.set)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+    def shutdown(self) -> None:
+        """Stop the thread after the jobs already submitted."""
+        self._jobs.put(None)
 
 
 class SqliteStore:
@@ -280,9 +321,9 @@ class SqliteStore:
         self._commit_lock = threading.Lock()
         self._probe_ok = True
         self._queue: list[_Pending] = []
-        self._wakeup = anyio.Event()
+        self._wakeup = asyncio.Event()
         self._closing = False
-        self._committer: ThreadPoolExecutor | None = None
+        self._committer: Committer | None = None
         self._rrn_next = 0
         self._rrn_limit = 0
         self._pan_key = b""
@@ -309,7 +350,7 @@ class SqliteStore:
         with self._commit_lock:
             self._close()
         if self._committer is not None:
-            self._committer.shutdown(wait=False)  # idle: its last commit released the lock above
+            self._committer.shutdown()  # idle: its last commit released the lock above
             self._committer = None
 
     def _close(self) -> None:
@@ -572,7 +613,9 @@ class SqliteStore:
         try:
             while True:
                 await self._wakeup.wait()
-                self._wakeup = anyio.Event()
+                # cleared, not replaced: a write after this line sets it again, and one before
+                # it is in the queue the flush below takes whole
+                self._wakeup.clear()
                 await self._flush()
         finally:
             with anyio.CancelScope(shield=True):
@@ -587,8 +630,8 @@ class SqliteStore:
         # the commit runs on the store's own single thread: the executor's future costs a
         # fraction of anyio.to_thread's per-call machinery, and one thread keeps commits in order
         if self._committer is None:
-            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-commit")
-        done = asyncio.get_running_loop().run_in_executor(self._committer, self._commit, batch)
+            self._committer = Committer("journal-commit")
+        done = self._committer.submit(functools.partial(self._commit, batch))
         try:
             await _wait_shielded(done)  # a commit once started is always waited for
         finally:  # also when the writer was cancelled meanwhile: the batch is committed

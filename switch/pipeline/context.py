@@ -3,6 +3,7 @@ state the participants read (terminals, merchants, routes, links, keys, settings
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -85,11 +86,15 @@ def _activation_guard() -> ActivationGuard:
     return ActivationGuard()
 
 
-@dataclass
 class InFlight:
-    digest: str
-    done: anyio.Event = field(default_factory=anyio.Event)
-    response: bytes | None = None
+    """A request being processed, for copies that arrive meanwhile (§11, duplicates.py)."""
+
+    __slots__ = ("digest", "done", "response")
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.done = asyncio.Event()  # not anyio's: one per request, and anyio's costs more to create
+        self.response: bytes | None = None
 
 
 @dataclass
