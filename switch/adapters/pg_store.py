@@ -20,7 +20,6 @@ in both engines).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -37,7 +36,6 @@ from switch.adapters.sqlite_store import (
     MIGRATIONS,
     RRN_BLOCK,
     SCHEMA_VERSION,
-    Committer,
     SqliteStore,
     StoreError,
     _Pending,
@@ -213,10 +211,7 @@ class PostgresStore(SqliteStore):
         self._pg_reader: PgConnection | None = None
         self._commit_lock = threading.Lock()
         self._probe_ok = True
-        self._queue: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._closing = False
-        self._committer: Committer | None = None
+        self._init_writer()
         self._rrn_next = 0
         self._rrn_limit = 0
         self._pan_key = b""
