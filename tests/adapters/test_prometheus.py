@@ -238,3 +238,40 @@ def test_uses_a_registry_it_is_given() -> None:
     ) == 1.0
     assert m.exposition().startswith(b"# HELP")
     assert m.content_type.startswith("text/plain; version=0.0.4")
+
+
+@pytest.mark.anyio
+async def test_request_path_metrics_expose_what_the_client_library_types_would() -> None:
+    # the request path's metrics are lean collectors (adapters/prometheus.py _Lean): the same
+    # observations through prometheus_client's own Histogram/Counter/Gauge give the same samples
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from switch.adapters.prometheus import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS
+
+    m = PrometheusMetrics()
+    r = CollectorRegistry()
+    seconds = Histogram("switch_request_duration_seconds", "x", ["transaction"], buckets=LATENCY_BUCKETS, registry=r)
+    requests = Counter("switch_requests_total", "x", ["transaction", "response_code"], registry=r)
+    batch = Histogram("switch_journal_commit_batch_size", "x", buckets=BATCH_SIZE_BUCKETS, registry=r)
+    in_flight = Gauge("switch_requests_in_flight", "x", registry=r)
+    # on a bound, between bounds, above the last one, zero
+    for txn, rc, s in [("consume", "00", 0.005), ("consume", "00", 0.0051), ("refund", "25", 12.0), ("consume", "51", 0.0)]:
+        m.request_completed(txn, rc, s)
+        seconds.labels(txn).observe(s)
+        requests.labels(txn, rc).inc()
+    for size in (1, 50, 51, 1000):
+        m.journal_commit(size, 0.001)
+        batch.observe(size)
+    for delta in (1, 1, -1):
+        m.in_flight(delta)
+        in_flight.inc(delta)
+    async with metrics_server(m) as port:
+        got = await scrape(port)
+    from prometheus_client import generate_latest
+
+    want = samples_of(generate_latest(r).decode())
+    for k, v in want.items():
+        if k[0].endswith("_created"):
+            assert k in got  # a timestamp: present, value differs
+        else:
+            assert got[k] == v, k
