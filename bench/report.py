@@ -60,6 +60,18 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f" the switch costs {h.get('cpu_ratio', 0):.3f} × the codec echo's work per request"
         f" (1/{1 / h['cpu_ratio'] if h.get('cpu_ratio') else 0:.1f}).",
         "",
+    ]
+    soak = results.get("soak")
+    if soak:
+        lines += [
+            f"Soak: {soak['seconds']:.0f} s open loop at {soak['rate']:.0f}/s: RSS {soak['rss_kib'][1]} ->"
+            f" {soak['rss_kib'][-1]} KiB, {soak['growth_percent_after_warmup']:+.1f} % after the first slice"
+            + (f", {soak['growth_percent_second_half']:+.1f} % over the second half"
+               if "growth_percent_second_half" in soak else "")
+            + " (target: < 10 %).",
+            "",
+        ]
+    lines += [
         "Latency: closed loop from the send; open loop from the scheduled send time (no coordinated"
         " omission). A generator CPU near 100 % means the generator, not the server, set the pace.",
         "",

@@ -158,3 +158,22 @@ def test_smoke_open_loop_against_the_codec_echo(tmp_path: Path) -> None:
     # 2 s at 200/s on a fixed schedule: every scheduled request was sent and answered
     assert gen["scheduled_scenarios"] == gen["sent"] == gen["answered"] == 400
     assert gen["by_txn"]["consume"]["codes"] == {"00": 400}
+    # the worst latency per half second of start time covers the whole schedule, and is the max
+    slots = gen["worst_ms_by_slot"]
+    assert list(slots) == ["0.0", "0.5", "1.0", "1.5"]
+    assert max(slots.values()) == pytest.approx(gen["latency_us"]["max"] / 1000, rel=0.01, abs=0.01)
+
+
+def test_summary_reports_the_soak_growth_after_warm_up_and_over_the_second_half() -> None:
+    from bench.report import summary_markdown
+
+    results = {
+        "started": "T", "command": "c", "terminals": 1, "host": "h", "phases": [],
+        "headline": {"baseline_tps": 100.0, "tps": 10.0, "ratio": 0.1, "plain_tps": 300.0, "open_rate": 8.0,
+                     "p99_ms": 5.0},
+        "soak": {"seconds": 300.0, "rate": 50.0, "rss_kib": [900, 1000, 1050, 1100, 1100, 1100],
+                 "growth_percent_after_warmup": 10.0, "growth_percent_second_half": 0.0},
+    }
+    soak = [line for line in summary_markdown(results).splitlines() if line.startswith("Soak:")]
+    assert soak == ["Soak: 300 s open loop at 50/s: RSS 1000 -> 1100 KiB, +10.0 % after the first slice,"
+                    " +0.0 % over the second half (target: < 10 %)."]
