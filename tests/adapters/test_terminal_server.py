@@ -424,3 +424,32 @@ async def test_a_failing_handler_call_does_not_take_down_other_connections() -> 
             await fresh.stream.send(frame(b"AFTER-BOOM"))
             got = await fresh.read()
             assert got is not None and got.body == b"RAFTER-BOOM"
+
+
+async def test_frames_beyond_the_in_flight_limit_wait_for_a_free_slot() -> None:
+    # 40 frames in one write; at most max_in_flight_per_connection (32) are handled at once, the
+    # rest wait unread until answers free slots, then all 40 are answered
+    async with running_server(idle=5.0) as srv, connect(srv.port) as c:
+        h = srv.handler
+        limit = srv.server.settings.max_in_flight_per_connection
+        bodies = [b"HOLD-%02d" % i for i in range(limit + 8)]
+        await c.stream.send(b"".join(frame(b) for b in bodies))
+        for body in bodies[:limit]:
+            await h.entered(body).wait()
+        for _ in range(20):  # give the server every chance to take more than the limit
+            await anyio.sleep(0.01)
+        assert h.calls == bodies[:limit]
+        h.gate(bodies[0]).set()
+        got = await c.read()
+        assert got is not None and got.body == b"R" + bodies[0]
+        await h.entered(bodies[limit]).wait()  # the freed slot took the next frame
+        assert len(h.calls) == limit + 1
+        for body in bodies:
+            h.gate(body).set()
+        answers = {got.body}
+        for _ in bodies[1:]:
+            got = await c.read()
+            assert got is not None
+            answers.add(got.body)
+        assert answers == {b"R" + b for b in bodies}
+        assert srv.metrics.closed == []
