@@ -20,6 +20,7 @@ in both engines).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ from switch.adapters.sqlite_store import (
     MIGRATIONS,
     RRN_BLOCK,
     SCHEMA_VERSION,
+    Committer,
     SqliteStore,
     StoreError,
     _Pending,
@@ -295,6 +297,10 @@ class PostgresStore(SqliteStore):
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     # ---- the group commit ---------------------------------------------------------------------
+    def _hand_off(self, batch: list[_Pending], committer: Committer) -> None:
+        # the whole transaction on the commit thread: every statement is a round trip to the server
+        committer.submit(functools.partial(self._commit, batch), functools.partial(self._committed, batch))
+
     def _commit_locked(self, batch: list[_Pending]) -> None:
         t0 = time.perf_counter()
         try:

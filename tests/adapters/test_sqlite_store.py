@@ -603,3 +603,30 @@ async def test_rrn_block_is_reserved_before_it_is_used(db_path: Path) -> None:
         first.close()
     assert len(set(a)) == RRN_BLOCK
     assert not set(a) & set(b)
+
+
+@pytest.mark.anyio
+async def test_a_write_waits_for_another_connections_lock_off_the_event_loop(store: SqliteStore) -> None:
+    # a back-office command in another process holds the write lock: the group commit waits for
+    # it on the commit thread (statements normally run on the event loop's thread, the COMMIT on
+    # the commit thread), while the event loop keeps running; the write lands once it is free
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        done = anyio.Event()
+
+        async def write() -> None:
+            await store.write(store.op_journal(entry(7)))
+            done.set()
+
+        async with running_writer(store), anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            ticks = 0
+            with anyio.fail_after(2):  # the loop is not blocked behind the lock
+                for _ in range(20):
+                    await anyio.sleep(0.01)
+                    ticks += 1
+            assert ticks == 20 and not done.is_set()
+            other.execute("COMMIT")
+            with anyio.fail_after(10):
+                await done.wait()
+    assert journal_stans(store.path) == ["000007"]
