@@ -7,10 +7,12 @@ rrn, ms). Callers put only masked card numbers and never a PIN, PIN block, track
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import TextIO
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,6 +31,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that, on a thread running an asyncio event loop, writes the INFO and DEBUG
+    lines of one loop iteration together at its end: one write system call for the transactions
+    answered in that iteration instead of one each (under load a few % of the switch's CPU).
+    WARNING and above, and every line from a thread without a loop, are written at once (after
+    the batched lines, so the order holds); ``flush`` (also at ``logging.shutdown``) writes
+    whatever waits."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        loop: asyncio.AbstractEventLoop | None
+        try:
+            loop = asyncio.get_running_loop() if record.levelno < logging.WARNING else None
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            self._pending.append(line)
+            self._write_pending()
+            return
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._end_of_iteration)
+
+    def _end_of_iteration(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created in Handler.__init__
+            self._scheduled = False
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + self.terminator
+        self._pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            pass  # as StreamHandler: a broken stderr must not take the switch down
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_pending()
+        super().flush()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # Neither format prints the caller's file and line, thread or process: skip collecting them
     # for every record (the logging HOWTO's "Optimization" section; one record per transaction)
@@ -36,7 +93,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchedStreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
