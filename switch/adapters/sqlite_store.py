@@ -264,6 +264,13 @@ async def _wait_shielded(done: asyncio.Event) -> None:
         raise
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:  # no transaction left to roll back
+        pass
+
+
 class _Pending:
     """One ``write``: its ops, set ``done`` once they are committed (or failed: ``error``).
     An ``asyncio.Event``, not anyio's: a write is the hot path, and anyio's costs a backend
@@ -665,10 +672,7 @@ class SqliteStore:
                     op(db)
         except BaseException as exc:  # a failing batch: each request alone, on the thread
             log.exception("group commit failed; retrying one by one")
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _rollback(db)
             committer.submit(functools.partial(self._one_by_one_and_release, batch, exc, t0), done)
             return
         committer.submit(functools.partial(self._commit_and_release, batch, t0), done)
@@ -680,12 +684,7 @@ class SqliteStore:
             try:
                 db.execute("COMMIT")
             except BaseException as exc:
-                log.exception("group commit failed; retrying one by one")
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._one_by_one(db, batch, exc)
+                self._recover(db, batch, exc)
         finally:
             self._commit_lock.release()
         self.metrics.journal_commit(len(batch), time.perf_counter() - t0)
@@ -733,13 +732,14 @@ class SqliteStore:
                     op(db)
             db.execute("COMMIT")
         except BaseException as exc:  # a failing batch: retry each request alone
-            log.exception("group commit failed; retrying one by one")
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self._one_by_one(db, batch, exc)
+            self._recover(db, batch, exc)
         self.metrics.journal_commit(len(batch), time.perf_counter() - t0)
+
+    def _recover(self, db: sqlite3.Connection, batch: list[_Pending], exc: BaseException) -> None:
+        """A batch failed: roll it back and write each request alone."""
+        log.exception("group commit failed; retrying one by one")
+        _rollback(db)
+        self._one_by_one(db, batch, exc)
 
     @staticmethod
     def _one_by_one(db: sqlite3.Connection, batch: list[_Pending], exc: BaseException) -> None:
@@ -753,10 +753,7 @@ class SqliteStore:
                 db.execute("COMMIT")
             except BaseException as exc2:
                 p.error = exc2
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                _rollback(db)
         if all(p.error for p in batch):
             log.error("journal write failed: %s", type(exc).__name__)
 
