@@ -20,7 +20,6 @@ in both engines).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -299,7 +298,7 @@ class PostgresStore(SqliteStore):
     # ---- the group commit ---------------------------------------------------------------------
     def _hand_off(self, batch: list[_Pending], committer: Committer) -> None:
         # the whole transaction on the commit thread: every statement is a round trip to the server
-        committer.submit(functools.partial(self._commit, batch), functools.partial(self._committed, batch))
+        self._commit_on_thread(batch, committer)
 
     def _commit_locked(self, batch: list[_Pending]) -> None:
         t0 = time.perf_counter()

@@ -650,9 +650,8 @@ class SqliteStore:
         connection or the database's write lock is not free at once (a short transaction on
         another thread, a back-office command writing), the whole transaction runs on the
         commit thread as before: the event loop never waits for a lock."""
-        done = functools.partial(self._committed, batch)
         if not self._commit_lock.acquire(blocking=False):
-            committer.submit(functools.partial(self._commit, batch), done)
+            self._commit_on_thread(batch, committer)
             return
         t0 = time.perf_counter()
         db = self.db
@@ -664,7 +663,7 @@ class SqliteStore:
                 db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError:  # another connection writes: wait for it on the thread
             self._commit_lock.release()
-            committer.submit(functools.partial(self._commit, batch), done)
+            self._commit_on_thread(batch, committer)
             return
         try:
             for p in batch:
@@ -673,9 +672,14 @@ class SqliteStore:
         except BaseException as exc:  # a failing batch: each request alone, on the thread
             log.exception("group commit failed; retrying one by one")
             _rollback(db)
-            committer.submit(functools.partial(self._one_by_one_and_release, batch, exc, t0), done)
+            committer.submit(functools.partial(self._one_by_one_and_release, batch, exc, t0),
+                             functools.partial(self._committed, batch))
             return
-        committer.submit(functools.partial(self._commit_and_release, batch, t0), done)
+        committer.submit(functools.partial(self._commit_and_release, batch, t0), functools.partial(self._committed, batch))
+
+    def _commit_on_thread(self, batch: list[_Pending], committer: Committer) -> None:
+        """The whole transaction of ``batch`` (BEGIN to COMMIT) on the commit thread."""
+        committer.submit(functools.partial(self._commit, batch), functools.partial(self._committed, batch))
 
     def _commit_and_release(self, batch: list[_Pending], t0: float) -> None:
         """(commit thread) COMMIT what ``_hand_off`` wrote, then release the connection."""
