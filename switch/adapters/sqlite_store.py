@@ -650,11 +650,16 @@ class SqliteStore:
         connection or the database's write lock is not free at once (a short transaction on
         another thread, a back-office command writing), the whole transaction runs on the
         commit thread as before: the event loop never waits for a lock."""
+        db = self._db
+        if db is None:  # closed under queued writes: they fail, they do not hang
+            for p in batch:
+                p.error = StoreError("store is not open")
+            self._committed(batch)
+            return
         if not self._commit_lock.acquire(blocking=False):
             self._commit_on_thread(batch, committer)
             return
         t0 = time.perf_counter()
-        db = self.db
         try:
             db.execute("PRAGMA busy_timeout = 0")
             try:
@@ -723,8 +728,14 @@ class SqliteStore:
                     await anyio.sleep(0.002)
 
     def _commit(self, batch: list[_Pending]) -> None:
-        with self._commit_lock:
-            self._commit_locked(batch)
+        try:
+            with self._commit_lock:
+                self._commit_locked(batch)
+        except BaseException as exc:  # the connection itself (closed, broken): never report success
+            log.exception("group commit failed")
+            for p in batch:
+                if p.error is None:
+                    p.error = exc
 
     def _commit_locked(self, batch: list[_Pending]) -> None:
         db = self.db

@@ -630,3 +630,26 @@ async def test_a_write_waits_for_another_connections_lock_off_the_event_loop(sto
             with anyio.fail_after(10):
                 await done.wait()
     assert journal_stans(store.path) == ["000007"]
+
+
+@pytest.mark.anyio
+async def test_a_write_to_a_closed_store_fails_instead_of_hanging(db_path: Path) -> None:
+    s = SqliteStore(db_path, MK)
+    s.open()
+    s.close()
+    with anyio.fail_after(5), pytest.raises(StoreError):
+        await s.write(s.op_journal(entry(1)))
+
+
+def test_a_commit_whose_connection_fails_marks_every_write_failed(store: SqliteStore) -> None:
+    # the transaction could not even start (a broken or closed connection): no write of the
+    # batch may be reported durable
+    from switch.adapters.sqlite_store import _Pending
+
+    def broken(batch: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store._commit_locked = broken  # type: ignore[method-assign,assignment]
+    batch = [_Pending([store.op_journal(entry(i))]) for i in range(3)]
+    store._commit(batch)
+    assert all(isinstance(p.error, sqlite3.OperationalError) for p in batch)
