@@ -40,9 +40,10 @@ class Terminal:
     batch_date: str | None = None  # business date (YYYYMMDD) of the batch's first financial request
     params_version: int = 0  # merchant params version last downloaded (0 = never)
     mac_failures: list[float] = field(default_factory=list, repr=False)  # monotonic times
-    # this process changed the working keys and their row is not committed yet: a reload must
-    # not put the store's (older) keys back
-    keys_pending: bool = field(default=False, repr=False)
+    # requests of this process that changed the terminal in memory (working keys, batch) and
+    # whose row is not committed yet: a reload or a refresh from the store must not put the
+    # store's (older) values back meanwhile (Context.change_terminal, TransactionManager._journal)
+    keys_pending: int = field(default=0, repr=False)
 
     @property
     def active(self) -> bool:

@@ -83,7 +83,7 @@ def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
         terminal.revoke_keys()
         terminal.mac_failures.clear()
         ctx.note = "MAC failure limit reached: working keys revoked"
-        ctx.ops.append(("terminal_keys", terminal))
+        ctx.change_terminal("terminal_keys", terminal)
 
 
 def refresh_terminal(state: SwitchState, terminal: Terminal) -> bool:
@@ -91,7 +91,7 @@ def refresh_terminal(state: SwitchState, terminal: Terminal) -> bool:
     request does not match what this process holds: several processes may share one store).
     True when something changed."""
     store = state.store
-    if store is None:
+    if store is None or terminal.keys_pending:  # a change of ours is in commit: memory is newer
         return False
     fresh = store.load_terminals("tid = ?", (terminal.tid,), reader=True).get(terminal.tid)
     if fresh is None:
@@ -122,7 +122,7 @@ def check_batch_and_day(state: SwitchState, ctx: Context) -> None:
         return
     if terminal.batch_date is None:
         terminal.batch_date = ctx.business_date
-        ctx.ops.append(("terminal_batch", terminal))
+        ctx.change_terminal("terminal_batch", terminal)
 
 
 def _pin_entered(ctx: Context) -> bool:

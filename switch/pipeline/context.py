@@ -146,6 +146,14 @@ class Context:
     limit_reservation: tuple[str, str, int, str] | None = None
     limit_deltas: list[tuple[str, str, int]] = field(default_factory=list)
 
+    def change_terminal(self, kind: str, terminal: Terminal) -> None:
+        """Record that this request changed ``terminal`` in memory (``"terminal_keys"`` or
+        ``"terminal_batch"``): its row is written in the journal commit, and until then the
+        terminal counts as changed here (a reload keeps memory; see reload.py). Call it when
+        the change is made, before any await."""
+        self.ops.append((kind, terminal))
+        terminal.keys_pending += 1
+
     def decline(self, rc: ResultCode, note: str | None = None) -> None:
         self.rc = rc
         if note:

@@ -201,4 +201,4 @@ def _reinstall_sign_on_keys(state: SwitchState, ctx: Context, response: bytes) -
     terminal.key_mode = ctx.f60.nmc
     terminal.pik, terminal.mak, terminal.tdk = keys.pik, keys.mak, keys.tdk
     terminal.mac_failures.clear()
-    ctx.ops.append(("terminal_keys", terminal))
+    ctx.change_terminal("terminal_keys", terminal)

@@ -22,7 +22,7 @@ def sign_on(state: SwitchState, ctx: Context) -> None:
     terminal.pik, terminal.mak, terminal.tdk = keys.pik, keys.mak, keys.tdk
     terminal.mac_failures.clear()
     ctx.resp[62] = build_f62(terminal.tmk, mode, keys)
-    ctx.ops.append(("terminal_keys", terminal))
+    ctx.change_terminal("terminal_keys", terminal)
     ctx.rc = ResultCode.APPROVED
 
 
@@ -30,7 +30,7 @@ def sign_off(state: SwitchState, ctx: Context) -> None:
     """0820/002 revokes the working keys (§8)."""
     assert ctx.terminal is not None
     ctx.terminal.revoke_keys()
-    ctx.ops.append(("terminal_keys", ctx.terminal))
+    ctx.change_terminal("terminal_keys", ctx.terminal)
     ctx.rc = ResultCode.APPROVED
 
 
@@ -59,5 +59,5 @@ def parameter_download(state: SwitchState, ctx: Context) -> None:
         ]
     )
     terminal.params_version = merchant.params_version
-    ctx.ops.append(("terminal_batch", terminal))
+    ctx.change_terminal("terminal_batch", terminal)
     ctx.rc = ResultCode.APPROVED

@@ -134,6 +134,7 @@ class TransactionManager:
             if ctx.limit_reservation is not None:  # not committed: free the headroom
                 state.limits.release(ctx.limit_reservation)
             duplicates.finish(state, ctx, data)
+            _release_terminals(ctx)  # when the request ended before its journal commit
             state.metrics.in_flight(-1)
 
     def _resent_code(self, frame: bytes) -> str:
@@ -300,7 +301,6 @@ class TransactionManager:
         ops = []
         for kind, terminal in ctx.ops:
             if kind == "terminal_keys":
-                terminal.keys_pending = True  # until the commit below: see reload.py
                 ops.append(store.op_terminal_keys(terminal))
             else:
                 ops.append(store.op_terminal_batch(terminal))
@@ -356,10 +356,10 @@ class TransactionManager:
         ops.extend(limits.commit_ops(ctx.limit_reservation, approved, ctx.limit_deltas))
         if ctx.claimed and ctx.dup_key is not None and self.state.dup_claims is not None:
             ops.append(self.state.dup_claims.op_release(ctx.dup_key))  # the journal row answers now
-        await store.write(*ops, store.op_journal(entry))
-        for kind, terminal in ctx.ops:
-            if kind == "terminal_keys":
-                terminal.keys_pending = False
+        try:
+            await store.write(*ops, store.op_journal(entry))
+        finally:
+            _release_terminals(ctx)  # committed (or failed): the store's row is the truth again
         if notify:
             assert outbox is not None
             outbox.wake()
@@ -389,6 +389,13 @@ class TransactionManager:
         await self.store.write(self.store.op_journal(entry))
         self.state.metrics.request_completed("malformed", "30", 0.0)
         return data
+
+
+def _release_terminals(ctx: Context) -> None:
+    """The terminal changes of this request (Context.change_terminal) are no longer pending."""
+    for _, terminal in ctx.ops:
+        terminal.keys_pending -= 1
+    ctx.ops = []
 
 
 def _pan_of_track(ctx: Context) -> str | None:

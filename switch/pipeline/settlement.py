@@ -139,7 +139,7 @@ def _close_batch(ctx: Context, terminal: Terminal, batch: str) -> None:
     """The next batch opens with the next request (written with the request's journal row)."""
     terminal.batch_no = int(batch) + 1
     terminal.batch_date = None
-    ctx.ops.append(("terminal_batch", terminal))
+    ctx.change_terminal("terminal_batch", terminal)
 
 
 RECORD_DIGITS = 2 + 6 + 20 + 12

@@ -90,3 +90,28 @@ async def test_a_reload_never_puts_older_keys_over_this_process_s_own_change(har
     terminal.keys_pending = False  # committed: the store's row is now the truth
     reload_changes(harness.state, seen)
     assert terminal.mak == bytes(range(8))
+
+
+async def test_a_reload_while_a_sign_on_awaits_its_rrn_keeps_the_new_keys(harness: Harness,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The race CI hit once (a consume right after a sign-on answered 77): the sign-on sets the
+    # new keys in memory, then awaits a store write for its RRN block; the poll ran in that
+    # await and put the row's (older) keys back before the journal commit. The change counts
+    # as pending from the moment it is made.
+    await harness.ready("10000001")
+    terminal = harness.state.terminals["10000001"]
+    seen = _seq(harness)
+    _other_process_writes_keys(harness, "10000001", revoke=True)  # a row stamped after `seen`
+    real_next_rrn = harness.store.next_rrn
+
+    async def next_rrn_with_a_poll() -> str:
+        reload_changes(harness.state, seen)  # the poll, run while the sign-on awaits
+        return await real_next_rrn()
+
+    monkeypatch.setattr(harness.store, "next_rrn", next_rrn_with_a_poll)
+    client = harness.terminal("10000001")
+    assert (await harness.sign_on(client)).code == "00"
+    assert terminal.signed_on and terminal.keys_pending == 0
+    fields = client.card_fields(processing_code="000000", type_code="22", card="6222029375642931684",
+                                amount_fen=100, pin="123456", expiry="3012")
+    assert (await harness.send(client, "0200", fields, mac=True)).code == "00"
