@@ -55,12 +55,10 @@ class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop = asyncio.get_running_loop() if record.levelno < logging.WARNING else None
         except RuntimeError:
             loop = None
-        if loop is None:
-            self._pending.append(line)
-            self._write_pending()
-            return
         self._pending.append(line)
-        if not self._scheduled:
+        if loop is None:  # behind the lines already waiting, so the order holds
+            self._write_pending()
+        elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._end_of_iteration)
 

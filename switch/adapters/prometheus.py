@@ -100,6 +100,10 @@ class _Lean:
                 fam.add_metric(list(labels), c[0])
         yield fam
 
+    def inc(self, labels: tuple[str, ...] = (), by: float = 1.0) -> None:
+        """Counter and gauge: add ``by`` (a metric increment, not money)."""
+        (self.children.get(labels) or self.child(labels))[0] += by
+
 
 class _LeanHistogram(_Lean):
     kind = "histogram"
@@ -113,18 +117,12 @@ class _LeanHistogram(_Lean):
 class _LeanCounter(_Lean):
     kind = "counter"
 
-    def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
-        (self.children.get(labels) or self.child(labels))[0] += amount
-
 
 class _LeanGauge(_Lean):
     kind = "gauge"
 
     def set(self, labels: tuple[str, ...], value: float) -> None:
         (self.children.get(labels) or self.child(labels))[0] = value
-
-    def inc(self, labels: tuple[str, ...], amount: float) -> None:
-        (self.children.get(labels) or self.child(labels))[0] += amount
 
 
 class PrometheusMetrics:
