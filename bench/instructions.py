@@ -34,7 +34,7 @@ from switch.demo_fixture import TERMINALS_BY_TID
 COLLECTED = re.compile(r"Collected : (\d+)")
 
 
-def run_once(work: Path, requests: int, stan_base: int) -> int:
+def run_once(work: Path, requests: int, stan_base: int, mix: str = "consume") -> int:
     """Total instructions of one ``switch serve`` life that answered ``requests`` consumes."""
     data = work / f"data-{requests}"
     server = SwitchWithIssuers(data, wrapper=("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"))
@@ -46,7 +46,7 @@ def run_once(work: Path, requests: int, stan_base: int) -> int:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--terminals", "1",
-             "--terminals-file", str(terminals), "--mode", "closed", "--mix", "consume",
+             "--terminals-file", str(terminals), "--mode", "closed", "--mix", mix,
              "--duration", "900", "--max-requests", str(requests), "--stan-base", str(stan_base),
              "--drain", "60", "--out", str(out)],
             capture_output=True, text=True, timeout=1200,
@@ -68,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n")[0])
     p.add_argument("--base", type=int, default=50, help="consumes of the first run (start-up cancels out)")
     p.add_argument("--requests", type=int, default=300, help="extra consumes of the second run")
+    p.add_argument("--mix", default="consume", help="the generator's mix (consume, realistic)")
     a = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("bench.instructions: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="switch-instructions-") as tmp:
         work = Path(tmp)
-        base = run_once(work, a.base, 1)
-        total = run_once(work, a.base + a.requests, 1)
+        base = run_once(work, a.base, 1, a.mix)
+        total = run_once(work, a.base + a.requests, 1, a.mix)
     per = (total - base) / a.requests
     print(f"instructions: per_request={per:.0f} base={base} total={total}", flush=True)
     return 0

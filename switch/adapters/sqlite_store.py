@@ -36,7 +36,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -171,6 +171,12 @@ MIGRATIONS: list[str] = [
     CREATE TABLE activation_failures (peer TEXT NOT NULL, at REAL NOT NULL);
     CREATE INDEX activation_failures_peer ON activation_failures(peer, at);
     CREATE INDEX activation_failures_at ON activation_failures(at);
+    """,
+    # v10: a completion or pre-auth void finds its pre-auth by merchant, batch and STAN (§7.3:
+    # any terminal of the merchant may complete it); journal_mid_date alone made that lookup read
+    # every row the merchant ever had
+    """
+    CREATE INDEX journal_mid_batch_stan ON journal(mid, batch, stan);
     """,
 ]
 
