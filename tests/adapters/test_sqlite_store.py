@@ -1,17 +1,17 @@
-"""The SQLite store (design.md, durability): schema v1 in WAL mode, refusal of a newer schema or
-another master key, merchants/terminals/keys round trip with keys encrypted at rest, PAN tokens,
-the group-committing writer (batching, durability before return, drain on shutdown, per-write
-failure), and RRN blocks reserved durably.
+"""What only the SQLite store has: WAL mode, the v1 schema migrated, key columns and the database
+files themselves free of clear keys, a group commit that waits for another connection's write lock
+off the event loop, and failures of the connection itself.
+
+Everything both stores must do (schema and reopen, refusals, round trips, PAN tokens, the
+group-committing writer, RRN blocks, store-and-forward, settlement records) is the contract suite,
+tests/adapters/test_store_contract.py, run on SQLite and on PostgreSQL.
 
 Real SQLite files in ``tmp_path``; a second ``sqlite3`` connection is the independent witness.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, closing
 from decimal import Decimal
@@ -23,16 +23,13 @@ import pytest
 
 from switch.adapters.sqlite_store import (
     MIGRATIONS,
-    RRN_BLOCK,
     SCHEMA_VERSION,
     JournalEntry,
-    Op,
     SqliteStore,
     StoreError,
 )
 from switch.crypto.keystore import MasterKey
 from switch.domain.model import Merchant, Terminal
-from switch.ports import NullMetrics
 
 MK = MasterKey.from_hex("00" * 32)
 
@@ -46,14 +43,6 @@ ZPK = bytes.fromhex("C0FFEE00DEADBEEF0123456789ABCDEF")
 
 M1 = "898310048990001"
 M2 = "898310058120002"
-
-
-class RecordingMetrics(NullMetrics):
-    def __init__(self) -> None:
-        self.commits: list[tuple[int, float]] = []
-
-    def journal_commit(self, batch_size: int, seconds: float) -> None:
-        self.commits.append((batch_size, seconds))
 
 
 def entry(i: int, **overrides: object) -> JournalEntry:
@@ -174,119 +163,7 @@ def test_a_v1_database_is_migrated_to_the_current_schema_keeping_its_rows(db_pat
         s.close()
 
 
-def test_reopen_keeps_data_and_does_not_migrate_again(db_path: Path) -> None:
-    s = SqliteStore(db_path, MK)
-    s.open()
-    add_fixture(s)
-    s.close()
-
-    s2 = SqliteStore(db_path, MK)
-    s2.open()
-    try:
-        assert not s2.is_empty()
-        assert set(s2.load_merchants()) == {M1, M2}
-        assert set(s2.load_terminals()) == {"10000001", "10000002", "20000002"}
-        with closing(witness(db_path)) as db:
-            version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-        assert version == str(SCHEMA_VERSION)
-    finally:
-        s2.close()
-
-
-def test_a_newer_schema_is_refused_naming_both_versions(db_path: Path) -> None:
-    s = SqliteStore(db_path, MK)
-    s.open()
-    s.close()
-    newer = SCHEMA_VERSION + 98
-    with closing(witness(db_path)) as db:
-        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(newer),))
-
-    s2 = SqliteStore(db_path, MK)
-    with pytest.raises(StoreError) as info:
-        s2.open()
-    s2.close()
-    msg = str(info.value)
-    assert re.search(rf"\b{newer}\b", msg), msg
-    assert re.search(rf"\b{SCHEMA_VERSION}\b", msg), msg
-    with closing(witness(db_path)) as db:  # left as it was
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(newer)
-
-
-@pytest.mark.parametrize("other", [MasterKey.from_hex("11" * 32), MasterKey(os.urandom(32))],
-                         ids=["fixed", "generated"])
-def test_another_master_key_is_refused(db_path: Path, other: MasterKey) -> None:
-    s = SqliteStore(db_path, MK)
-    s.open()
-    add_fixture(s)
-    s.close()
-
-    wrong = SqliteStore(db_path, other)
-    with pytest.raises(StoreError) as info:
-        wrong.open()
-    wrong.close()
-    assert MK.key_id in str(info.value) and other.key_id in str(info.value)
-
-    # the refusal changed nothing: the right key still opens it and unwraps the TMKs
-    right = SqliteStore(db_path, MK)
-    right.open()
-    try:
-        assert right.load_terminals()["10000001"].tmk == TMK_1
-    finally:
-        right.close()
-
-
-def test_writable_false_before_open_and_after_close(db_path: Path) -> None:
-    s = SqliteStore(db_path, MK)
-    assert not s.writable()
-    s.open()
-    assert s.writable()
-    s.close()
-    assert not s.writable()
-    with pytest.raises(StoreError):
-        s.load_merchants()
-
-
 # ---- merchants, terminals, keys -------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_merchants_terminals_and_keys_round_trip(db_path: Path) -> None:
-    s = SqliteStore(db_path, MK)
-    s.open()
-    add_fixture(s)
-    s.set_zone_pin_key("ICBC", ZPK)
-
-    merchants = s.load_merchants()
-    assert merchants[M1] == Merchant(M1, "micro", "老王便利店", fee_rate=Decimal("0.0038"))
-    assert isinstance(merchants[M1].fee_rate, Decimal)
-    assert merchants[M2] == Merchant(M2, "enterprise", "星河超市", state="disabled",
-                                     monthly_limit_fen=5_000_000_00, params_version=3)
-
-    t = s.load_terminals()
-    assert t["10000001"].tmk == TMK_1 and not t["10000001"].signed_on
-    assert (t["10000002"].tmk, t["10000002"].main_tid, t["10000002"].batch_no,
-            t["10000002"].params_version) == (TMK_2, "10000001", 7, 2)
-    assert t["20000002"].tmk is None and t["20000002"].state == "awaiting_activation"
-
-    # a sign-on's working keys and a batch change go through the writer
-    signed = t["10000001"]
-    signed.key_mode, signed.pik, signed.mak, signed.tdk = "004", PIK, MAK, TDK
-    signed.batch_no, signed.batch_date, signed.params_version = 2, "20250301", 1
-    async with running_writer(s):
-        await s.write(s.op_terminal_keys(signed), s.op_terminal_batch(signed))
-    s.close()
-
-    s2 = SqliteStore(db_path, MK)
-    s2.open()
-    try:
-        back = s2.load_terminals()["10000001"]
-        assert (back.key_mode, back.pik, back.mak, back.tdk) == ("004", PIK, MAK, TDK)
-        assert back.tmk == TMK_1 and back.signed_on
-        assert (back.batch_no, back.batch_date, back.params_version) == (2, "20250301", 1)
-        assert s2.load_terminals()["10000002"].pik is None  # only its own row changed
-        assert s2.load_zone_pin_keys() == {"ICBC": ZPK}
-    finally:
-        s2.close()
 
 
 @pytest.mark.anyio
@@ -332,277 +209,7 @@ async def test_clear_keys_never_reach_the_database_files(db_path: Path) -> None:
             assert form not in blob, form
 
 
-# ---- PAN tokens -----------------------------------------------------------------------------
-
-DEMO_PANS = [
-    "6222029375642931684",
-    "6222028992986377539",
-    "6222021007789355041",
-    "6214834474520070",
-    "6214831675710245",
-    "4111237450925694",
-]
-
-
-def test_pan_token_is_stable_across_reopen_and_distinct_per_pan(db_path: Path) -> None:
-    s = SqliteStore(db_path, MK)
-    s.open()
-    first = {pan: s.pan_token(pan) for pan in DEMO_PANS}
-    assert all(s.pan_token(pan) == tok for pan, tok in first.items())  # deterministic
-    s.close()
-
-    s2 = SqliteStore(db_path, MK)
-    s2.open()
-    try:
-        assert {pan: s2.pan_token(pan) for pan in DEMO_PANS} == first
-    finally:
-        s2.close()
-
-    assert len(set(first.values())) == len(DEMO_PANS)
-    for pan, tok in first.items():
-        assert tok != pan
-        assert pan not in tok and pan[-10:] not in tok
-        assert re.fullmatch(r"[0-9a-f]{32}", tok)
-
-
-# ---- the group-committing writer ------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_concurrent_writes_share_commits(db_path: Path) -> None:
-    metrics = RecordingMetrics()
-    s = SqliteStore(db_path, MK, metrics)
-    s.open()
-    returned: list[int] = []
-
-    async def one(i: int) -> None:
-        await s.write(s.op_journal(entry(i)))
-        returned.append(i)
-
-    try:
-        async with running_writer(s):
-            async with anyio.create_task_group() as tg:
-                for i in range(200):
-                    tg.start_soon(one, i)
-        assert sorted(returned) == list(range(200))
-        assert sorted(journal_stans(db_path)) == sorted(f"{i:06d}" for i in range(200))
-        sizes = [n for n, _ in metrics.commits]
-        assert sum(sizes) == 200
-        assert len(sizes) < 200
-        assert all(n >= 1 for n in sizes)
-        assert all(sec >= 0 for _, sec in metrics.commits)
-    finally:
-        s.close()
-
-
-@pytest.mark.anyio
-async def test_a_write_returns_only_once_its_row_is_committed(store: SqliteStore) -> None:
-    seen: list[int] = []
-    with closing(witness(store.path)) as db:
-
-        async def one(i: int) -> None:
-            await store.write(store.op_journal(entry(i)))
-            # no await between the return and the look: the row must already be committed
-            row = db.execute("SELECT amount_fen FROM journal WHERE stan=?", (f"{i:06d}",)).fetchone()
-            assert row == (100 + i,)
-            seen.append(i)
-
-        async with running_writer(store):
-            for i in range(5):  # one by one
-                await one(i)
-            async with anyio.create_task_group() as tg:  # and concurrently
-                for i in range(5, 60):
-                    tg.start_soon(one, i)
-    assert sorted(seen) == list(range(60))
-
-
-@pytest.mark.anyio
-async def test_journal_row_round_trips_every_column(store: SqliteStore) -> None:
-    e = entry(
-        42, rrn="000000001001", auth_code="123456", pan_token="ab" * 16, entry_mode="051",
-        issuer="ICBC", issuer_stan="000777", issuer_f7="0301100000", issuer_response_code="00",
-        needs_reversal=True, request_digest="d" * 64, latency_us=1234, issuer_latency_us=999,
-        note="consume",
-    )
-    async with running_writer(store):
-        await store.write(store.op_journal(e))
-    (row,) = store.journal("stan=?", ["000042"])
-    for col in JournalEntry.COLUMNS:
-        want = getattr(e, col)
-        assert row[col] == (int(want) if isinstance(want, bool) else want), col
-
-
-@pytest.mark.anyio
-async def test_cancelling_the_writer_commits_the_queued_writes(db_path: Path) -> None:
-    metrics = RecordingMetrics()
-    s = SqliteStore(db_path, MK, metrics)
-    s.open()
-    entered = threading.Event()
-    release = threading.Event()
-
-    def hold(db: sqlite3.Connection) -> None:  # keeps the writer busy inside a commit
-        entered.set()
-        assert release.wait(30)
-
-    done: list[int] = []
-
-    async def one(i: int, *ops: Op) -> None:
-        await s.write(*ops)
-        done.append(i)
-
-    try:
-        async with anyio.create_task_group() as outer:
-            async with anyio.create_task_group() as writer_tg:
-                await writer_tg.start(s.run_writer)
-                outer.start_soon(one, -1, hold)
-                assert await anyio.to_thread.run_sync(entered.wait, 30)
-                for i in range(50):
-                    outer.start_soon(one, i, s.op_journal(entry(i)))
-                await anyio.wait_all_tasks_blocked()  # all 50 queued behind the held commit
-                assert done == []
-                writer_tg.cancel_scope.cancel()  # shut down with 50 writes queued
-                release.set()
-            # the writer task has ended
-            assert not s.writable()
-            with pytest.raises(StoreError):
-                await s.write(s.op_journal(entry(999)))
-        assert sorted(done) == [-1, *range(50)]
-        assert sorted(journal_stans(db_path)) == [f"{i:06d}" for i in range(50)]
-        assert [n for n, _ in metrics.commits] == [1, 50]
-    finally:
-        release.set()
-        s.close()
-
-
-@pytest.mark.anyio
-async def test_a_failing_op_fails_only_its_own_write(db_path: Path) -> None:
-    metrics = RecordingMetrics()
-    s = SqliteStore(db_path, MK, metrics)
-    s.open()
-
-    def boom(db: sqlite3.Connection) -> None:
-        raise RuntimeError("boom")
-
-    outcome: dict[str, BaseException | None] = {}
-    all_answered = anyio.Event()
-    total = 23
-
-    async def one(name: str, *ops: Op) -> None:
-        try:
-            await s.write(*ops)
-        except StoreError as exc:
-            outcome[name] = exc
-        else:
-            outcome[name] = None
-        if len(outcome) == total:
-            all_answered.set()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for i in range(10):
-                tg.start_soon(one, f"good{i}", s.op_journal(entry(i)))
-            tg.start_soon(one, "raises", boom)
-            # NOT NULL response_code: SQLite refuses the row
-            tg.start_soon(one, "constraint", s.op_journal(entry(100, response_code=None)))
-            # a write is all or nothing: its first row must not survive its second op's failure
-            tg.start_soon(one, "half", s.op_journal(entry(200)), boom)
-            for i in range(10, 20):
-                tg.start_soon(one, f"good{i}", s.op_journal(entry(i)))
-            await anyio.wait_all_tasks_blocked()  # all 23 queued before the writer starts
-            await tg.start(s.run_writer)
-            with anyio.fail_after(30):
-                await all_answered.wait()
-            await s.write(s.op_journal(entry(300)))  # the writer goes on after the failures
-            tg.cancel_scope.cancel()
-
-        assert [n for n, _ in metrics.commits][0] == total  # they shared one batch
-        for i in range(20):
-            assert outcome[f"good{i}"] is None, i
-        for name, cause in (("raises", RuntimeError), ("constraint", sqlite3.IntegrityError),
-                            ("half", RuntimeError)):
-            exc = outcome[name]
-            assert isinstance(exc, StoreError), name
-            assert isinstance(exc.__cause__, cause), name
-        assert sorted(journal_stans(db_path)) == [f"{i:06d}" for i in [*range(20), 300]]
-    finally:
-        s.close()
-
-
-# ---- RRN ------------------------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_rrns_are_12_digits_unique_and_increasing(store: SqliteStore) -> None:
-    got: list[str] = []
-    async with running_writer(store):
-        for _ in range(2 * RRN_BLOCK + 5):  # crosses two block boundaries
-            got.append(await store.next_rrn())
-    assert all(re.fullmatch(r"\d{12}", r) for r in got)
-    nums = [int(r) for r in got]
-    assert all(a < b for a, b in zip(nums, nums[1:]))
-
-
-@pytest.mark.anyio
-async def test_concurrent_rrns_are_unique(store: SqliteStore) -> None:
-    got: list[str] = []
-
-    async def take() -> None:
-        got.append(await store.next_rrn())
-
-    async with running_writer(store):
-        async with anyio.create_task_group() as tg:
-            for _ in range(RRN_BLOCK + RRN_BLOCK // 2):  # all start on an exhausted block
-                tg.start_soon(take)
-    assert len(got) == RRN_BLOCK + RRN_BLOCK // 2
-    assert len(set(got)) == len(got)
-    assert all(re.fullmatch(r"\d{12}", r) for r in got)
-
-
-@pytest.mark.anyio
-async def test_rrns_stay_unique_across_reopen(db_path: Path) -> None:
-    before: list[int] = []
-    s = SqliteStore(db_path, MK)
-    s.open()
-    async with running_writer(s):
-        for _ in range(3):
-            before.append(int(await s.next_rrn()))
-    s.close()  # most of the reserved block is never used
-
-    after: list[int] = []
-    s2 = SqliteStore(db_path, MK)
-    s2.open()
-    try:
-        async with running_writer(s2):
-            for _ in range(RRN_BLOCK + 3):
-                after.append(int(await s2.next_rrn()))
-    finally:
-        s2.close()
-    assert min(after) > max(before)
-    assert len(set(before) | set(after)) == len(before) + len(after)
-
-
-@pytest.mark.anyio
-async def test_rrn_block_is_reserved_before_it_is_used(db_path: Path) -> None:
-    """A second store opening the file while the first still holds a block (as after a kill -9:
-    no close) never hands out a number from that block."""
-    first = SqliteStore(db_path, MK)
-    first.open()
-    second = SqliteStore(db_path, MK)
-    try:
-        async with running_writer(first):
-            a = [int(await first.next_rrn())]
-        second.open()
-        async with running_writer(second):
-            b = [int(await second.next_rrn()) for _ in range(RRN_BLOCK + 5)]
-        # the first store serves the rest of its block from memory (its writer has stopped)
-        a += [int(await first.next_rrn()) for _ in range(RRN_BLOCK - 1)]
-        with pytest.raises(StoreError):  # the next block would need a write
-            await first.next_rrn()
-    finally:
-        second.close()
-        first.close()
-    assert len(set(a)) == RRN_BLOCK
-    assert not set(a) & set(b)
+# ---- the group-committing writer on SQLite ------------------------------------------------
 
 
 @pytest.mark.anyio

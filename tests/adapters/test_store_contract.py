@@ -297,12 +297,13 @@ def test_a_newer_schema_is_refused_naming_both_versions(backend: Backend) -> Non
     assert backend.rows("SELECT value FROM meta WHERE key='schema_version'") == [(str(newer),)]
 
 
-def test_another_master_key_is_refused(backend: Backend) -> None:
+@pytest.mark.parametrize("other", [MasterKey.from_hex("11" * 32), MasterKey(os.urandom(32))],
+                         ids=["fixed", "generated"])
+def test_another_master_key_is_refused(backend: Backend, other: MasterKey) -> None:
     s = backend.store()
     s.open()
     add_fixture(s)
     s.close()
-    other = MasterKey(os.urandom(32))
     wrong = backend.store(other)
     with pytest.raises(StoreError) as info:
         wrong.open()
@@ -326,12 +327,14 @@ async def test_merchants_terminals_and_keys_round_trip(backend: Backend) -> None
     s.set_zone_pin_key("ICBC", ZPK)  # replaced, not duplicated
     merchants = s.load_merchants()
     assert merchants[M1] == Merchant(M1, "micro", "老王便利店", fee_rate=Decimal("0.0038"))
+    assert isinstance(merchants[M1].fee_rate, Decimal)
     assert merchants[M2] == Merchant(M2, "enterprise", "星河超市", state="disabled",
                                      monthly_limit_fen=5_000_000_00, params_version=3)
     assert set(s.load_merchants("state = ?", ["disabled"], reader=True)) == {M2}
     t = s.load_terminals()
     assert t["10000001"].tmk == TMK_1 and not t["10000001"].signed_on
-    assert (t["10000002"].tmk, t["10000002"].main_tid, t["10000002"].batch_no) == (TMK_2, "10000001", 7)
+    assert (t["10000002"].tmk, t["10000002"].main_tid, t["10000002"].batch_no,
+            t["10000002"].params_version) == (TMK_2, "10000001", 7, 2)
     assert t["20000002"].tmk is None and t["20000002"].state == "awaiting_activation"
     signed = t["10000001"]
     signed.key_mode, signed.pik, signed.mak, signed.tdk = "004", PIK, MAK, TDK
@@ -345,8 +348,9 @@ async def test_merchants_terminals_and_keys_round_trip(backend: Backend) -> None
     try:
         back = s2.load_terminals()["10000001"]
         assert (back.key_mode, back.pik, back.mak, back.tdk) == ("004", PIK, MAK, TDK)
+        assert back.tmk == TMK_1 and back.signed_on
         assert (back.batch_no, back.batch_date, back.params_version) == (2, "20250301", 1)
-        assert s2.load_terminals()["10000002"].pik is None
+        assert s2.load_terminals()["10000002"].pik is None  # only its own row changed
         assert s2.load_zone_pin_keys() == {"ICBC": ZPK}
         assert set(s2.load_terminals("tid = ?", ["10000002"], reader=True)) == {"10000002"}
     finally:
@@ -376,10 +380,12 @@ async def test_no_clear_key_in_any_column(store: SqliteStore, backend: Backend) 
 
 
 def test_pan_token_is_stable_across_reopen_and_distinct_per_pan(backend: Backend) -> None:
-    pans = ["6222029375642931684", "6222028992986377539", "6214834474520070", "4111237450925694"]
+    pans = ["6222029375642931684", "6222028992986377539", "6222021007789355041", "6214834474520070",
+            "6214831675710245", "4111237450925694"]
     s = backend.store()
     s.open()
     first = {pan: s.pan_token(pan) for pan in pans}
+    assert all(s.pan_token(pan) == tok for pan, tok in first.items())  # deterministic
     s.close()
     s2 = backend.store()
     s2.open()
@@ -390,6 +396,7 @@ def test_pan_token_is_stable_across_reopen_and_distinct_per_pan(backend: Backend
         s2.close()
     assert len(set(first.values())) == len(pans)
     assert all(re.fullmatch(r"[0-9a-f]{32}", tok) for tok in first.values())
+    assert all(pan not in tok and pan[-10:] not in tok for pan, tok in first.items())
 
 
 # ---- the group-committing writer ---------------------------------------------------------------
@@ -555,7 +562,7 @@ async def test_rrns_unique_and_increasing_across_blocks_and_reopen(backend: Back
     s = backend.store()
     s.open()
     async with running_writer(s):
-        for _ in range(RRN_BLOCK + 5):  # crosses a block boundary
+        for _ in range(2 * RRN_BLOCK + 5):  # crosses two block boundaries
             r = await s.next_rrn()
             assert re.fullmatch(r"\d{12}", r)
             got.append(int(r))
