@@ -49,9 +49,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f" {p.get('server_cpu_us_per_request', '-')} | {verdict} |"
         )
     h = results["headline"]
+    paired = (f" (pooled over {h['paired_rounds']} alternating rounds of codec echo and switch; the single"
+              f" closed-loop phases above, minutes apart, gave {h['single_ratio']:.3f})"
+              if h.get("paired_rounds") else "")
     lines += [
         "",
-        f"Headline: switch closed-loop {h['tps']:.0f} TPS = {h['ratio']:.3f} × codec-echo ({base:.0f} TPS);"
+        f"Headline: switch closed-loop {h['tps']:.0f} TPS = {h['ratio']:.3f} × codec-echo ({base:.0f} TPS){paired};"
         f" plain loopback echo {h['plain_tps']:.0f} TPS; switch open loop at {h['open_rate']:.0f}/s"
         f" (80 % of closed loop): p99 {h['p99_ms']:.2f} ms.",
         "",

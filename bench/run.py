@@ -1,14 +1,18 @@
 """The bench orchestrator: ``make bench-quick`` (``--quick``) and ``make bench`` (``--full``).
 
-    python -m bench.run --quick | --full [--seconds S] [--terminals N] [--results-dir D]
+    python -m bench.run --quick | --full [--seconds S] [--pairs N] [--pair-seconds S] [--terminals N]
+                        [--results-dir D]
 
 Runs every phase with the same generator (``bench.loadgen``, its own process) against:
 1. the plain loopback echo (``bench.echo_server --mode plain``): the loop + generator ceiling;
 2. the codec echo (``--mode codec``): the baseline every switch figure is divided by;
 3. the switch (``switch demo`` subprocess, fresh data directory, N terminals of M2 onboarded and
    activated over TCP, see ``bench.harness``): closed loop, then open loop at 80 % of the
-   closed-loop TPS (``--full`` adds the realistic mix and an open-loop sweep over several rates,
-   and the codec echo at the same rates, for the plots).
+   closed-loop TPS, then ``--pairs`` rounds alternating a codec-echo and a switch closed-loop
+   slice (the codec echo stays up for them), pooled into the headline ratio: on this shared
+   machine the speed drifts by up to 2 x within minutes, so only adjacent slices compare
+   (``--full`` adds the soak, the realistic mix and an open-loop sweep over several rates, and
+   the codec echo at the same rates, for the plots).
 After every switch phase the books are checked (``bench.harness.check_books``): the generator's
 approvals equal the journal's per transaction type (count and fen), and each card's available
 balance at its mock issuer moved by exactly what those approvals imply.
@@ -24,6 +28,7 @@ Must not: assert on performance, leave a server process running, or print keys o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -64,6 +69,7 @@ class Bench:
         self.args = args
         self.work = work
         self.phases: list[dict[str, Any]] = []
+        self.paired_echo = (0, 0)  # (port, pid) of the codec echo kept up for the paired rounds
         self.stan_block = 0
 
     def loadgen(self, name: str, port: int, *, mode: str, mix: str, rate: float = 0.0, dummy: bool = False,
@@ -98,14 +104,19 @@ class Bench:
         try:
             for name, loop_mode, mix, rate in phases:
                 assert server.proc is not None
-                cpu0 = cpu_seconds(server.proc.pid)
-                r = self.loadgen(name, port, mode=loop_mode, mix=mix, rate=rate, dummy=True)
-                cpu = cpu_per_request(cpu_seconds(server.proc.pid) - cpu0, r["answered"])
-                log(f"bench:   server CPU {cpu} us per request")
-                self.phases.append({"name": name, "server": f"{mode}-echo", "result": r,
-                                    "server_cpu_us_per_request": cpu})
+                self.echo_phase(name, mode, port, server.proc.pid, mode=loop_mode, mix=mix, rate=rate)
         finally:
             server.stop()
+
+    def echo_phase(self, name: str, kind: str, port: int, pid: int, *, mode: str, mix: str,
+                   rate: float = 0.0) -> dict[str, Any]:
+        cpu0 = cpu_seconds(pid)
+        r = self.loadgen(name, port, mode=mode, mix=mix, rate=rate, dummy=True)
+        cpu = cpu_per_request(cpu_seconds(pid) - cpu0, r["answered"])
+        log(f"bench:   server CPU {cpu} us per request")
+        phase = {"name": name, "server": f"{kind}-echo", "result": r, "server_cpu_us_per_request": cpu}
+        self.phases.append(phase)
+        return phase
 
     async def switch_phase(self, name: str, port: int, books: Books, tids: list[str], terminals_file: Path, *,
                            mode: str, mix: str, rate: float = 0.0) -> dict[str, Any]:
@@ -165,6 +176,7 @@ class Bench:
             tps = float(closed["result"]["tps"])
             await self.switch_phase("switch-open-80", port, books, tids, terminals_file, mode="open",
                                     mix="consume", rate=max(1.0, 0.8 * tps))
+            await self.paired_rounds(port, books, tids, terminals_file)
             if self.args.soak:
                 # before the overload phases of the sweep: their queues (at 100-110 % of the closed
                 # loop) raise the heap's high-water mark, and growth below it would not show in RSS
@@ -182,6 +194,25 @@ class Bench:
             if code not in (0, None):
                 log(f"bench: switch exited {code}:\n" + "".join(server.output[-20:]))
 
+
+    async def paired_rounds(self, port: int, books: Books, tids: list[str], terminals_file: Path) -> None:
+        """The headline ratio, measured in alternation: codec echo closed loop, switch closed loop,
+        codec echo, switch... (both servers stay up; the idle one costs nothing). The shared
+        machine's speed drifts by up to 2 x within minutes; phases minutes apart then give a
+        ratio that says more about the drift than about the switch. Adjacent slices see the
+        same machine, and the sums over all rounds (``headline``) average what drift is left."""
+        echo = self.paired_echo
+        seconds = self.args.seconds
+        self.args.seconds = self.args.pair_seconds
+        try:
+            for i in range(self.args.pairs):
+                await anyio.to_thread.run_sync(functools.partial(
+                    self.echo_phase, f"pair-{i + 1}-codec-echo", "codec", echo[0], echo[1], mode="closed",
+                    mix="consume"))
+                await self.switch_phase(f"pair-{i + 1}-switch", port, books, tids, terminals_file,
+                                        mode="closed", mix="consume")
+        finally:
+            self.args.seconds = seconds
 
     async def soak(self, port: int, books: Books, tids: list[str], terminals_file: Path, *, rate: float) -> None:
         """Memory over a long open-loop run: RSS sampled between slices of the same load."""
@@ -247,14 +278,35 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pooled(phases: list[dict[str, Any]]) -> tuple[float, float]:
+    """(TPS, server CPU µs per request) of several phases taken together: all their answers over
+    all their time, all their CPU over all their answers."""
+    answered = sum(float(p["result"]["answered"]) for p in phases)
+    elapsed = sum(float(p["result"]["elapsed_s"]) for p in phases)
+    cpu_us = sum(float(p.get("server_cpu_us_per_request") or 0.0) * float(p["result"]["answered"]) for p in phases)
+    return (answered / elapsed if elapsed > 0 else 0.0), (cpu_us / answered if answered > 0 else 0.0)
+
+
 def headline(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The release check's figures. TPS, baseline and their ratio come from the paired rounds
+    (alternating codec echo and switch slices, pooled) when the run has them, else from the two
+    closed-loop phases; both are kept."""
     by = {p["name"]: p["result"] for p in phases}
-    tps = float(by["switch-closed"]["tps"])
-    base = float(by["codec-echo-closed"]["tps"])
-    open80 = by["switch-open-80"]
+    single_tps = float(by["switch-closed"]["tps"])
+    single_base = float(by["codec-echo-closed"]["tps"])
     cpu = {p["name"]: float(p.get("server_cpu_us_per_request") or 0.0) for p in phases}
     switch_cpu, base_cpu = cpu.get("switch-closed", 0.0), cpu.get("codec-echo-closed", 0.0)
+    tps, base = single_tps, single_base
+    pair_switch = [p for p in phases if p["name"].startswith("pair-") and p["server"] == "switch"]
+    pair_echo = [p for p in phases if p["name"].startswith("pair-") and p["server"] == "codec-echo"]
+    if pair_switch and pair_echo:
+        tps, switch_cpu = pooled(pair_switch)
+        base, base_cpu = pooled(pair_echo)
+    open80 = by["switch-open-80"]
     return {"tps": tps, "baseline_tps": base, "ratio": tps / base if base else 0.0,
+            "paired_rounds": min(len(pair_switch), len(pair_echo)),
+            "single_tps": single_tps, "single_baseline_tps": single_base,
+            "single_ratio": single_tps / single_base if single_base else 0.0,
             "switch_cpu_us": switch_cpu, "baseline_cpu_us": base_cpu,
             "cpu_ratio": base_cpu / switch_cpu if switch_cpu else 0.0,
             "plain_tps": float(by["plain-echo-closed"]["tps"]),
@@ -273,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-issuers", dest="separate_issuers", action="store_false",
                    help="run the mock issuers inside the switch's process (switch demo) instead of their own")
     p.add_argument("--max-requests", type=int, default=2_000_000)
+    p.add_argument("--pairs", type=int, help="alternating codec-echo/switch closed-loop rounds for the headline"
+                   " ratio (quick 2, full 4; 0: the single phases)")
+    p.add_argument("--pair-seconds", type=float, help="per slice of a round (quick 3, full 5)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     args.seconds = args.seconds or (10.0 if args.full else 5.0)
     args.soak = args.soak if args.soak is not None else (300.0 if args.full else 0.0)
+    args.pairs = args.pairs if args.pairs is not None else (4 if args.full else 2)
+    args.pair_seconds = args.pair_seconds or (5.0 if args.full else 3.0)
     started = datetime.now(timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -284,8 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="switch-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         bench.echo_phases("plain", [("plain-echo-closed", "closed", "consume", 0.0)])
-        bench.echo_phases("codec", [("codec-echo-closed", "closed", "consume", 0.0)])
-        anyio.run(bench.switch_phases)
+        paired = echo_process("codec")  # up through the switch phases, for the paired rounds
+        (echo_port,) = paired.start()
+        try:
+            assert paired.proc is not None
+            bench.paired_echo = (echo_port, paired.proc.pid)
+            bench.echo_phase("codec-echo-closed", "codec", echo_port, paired.proc.pid, mode="closed", mix="consume")
+            anyio.run(bench.switch_phases)
+        finally:
+            paired.stop()
         if args.full:
             tps = float(next(p["result"]["tps"] for p in bench.phases if p["name"] == "switch-closed"))
             bench.echo_phases("codec", [("codec-echo-closed-realistic", "closed", "realistic", 0.0)] + [

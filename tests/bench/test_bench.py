@@ -177,3 +177,42 @@ def test_summary_reports_the_soak_growth_after_warm_up_and_over_the_second_half(
     soak = [line for line in summary_markdown(results).splitlines() if line.startswith("Soak:")]
     assert soak == ["Soak: 300 s open loop at 50/s: RSS 1000 -> 1100 KiB, +10.0 % after the first slice,"
                     " +0.0 % over the second half (target: < 10 %)."]
+
+
+def _phase(name: str, server: str, answered: int, elapsed: float, cpu_us: float, **extra: Any) -> dict[str, Any]:
+    result = {"answered": answered, "elapsed_s": elapsed, "tps": answered / elapsed,
+              "latency_us": {"p99": 7000}, "offered_rate": extra.get("rate")}
+    return {"name": name, "server": server, "result": result, "server_cpu_us_per_request": cpu_us}
+
+
+def test_the_headline_ratio_pools_the_alternating_rounds() -> None:
+    from bench.report import summary_markdown
+    from bench.run import headline
+
+    phases = [
+        _phase("plain-echo-closed", "plain-echo", 30_000, 10.0, 10.0),
+        # minutes apart on a machine that slowed down: the single phases say 0.05
+        _phase("codec-echo-closed", "codec-echo", 100_000, 10.0, 80.0),
+        _phase("switch-closed", "switch", 5_000, 10.0, 1_600.0),
+        _phase("switch-open-80", "switch", 4_000, 10.0, 1_700.0, rate=400.0),
+        # adjacent slices: the first round on a fast machine, the second on a slow one
+        _phase("pair-1-codec-echo", "codec-echo", 30_000, 3.0, 80.0),
+        _phase("pair-1-switch", "switch", 6_000, 3.0, 800.0),
+        _phase("pair-2-codec-echo", "codec-echo", 15_000, 3.0, 160.0),
+        _phase("pair-2-switch", "switch", 3_000, 3.0, 1_600.0),
+    ]
+    h = headline(phases)
+    assert h["paired_rounds"] == 2
+    assert h["tps"] == pytest.approx(9_000 / 6.0) and h["baseline_tps"] == pytest.approx(45_000 / 6.0)
+    assert h["ratio"] == pytest.approx(0.2) and h["single_ratio"] == pytest.approx(0.05)
+    # CPU per request over all the answers: (6000 * 800 + 3000 * 1600) / 9000
+    assert h["switch_cpu_us"] == pytest.approx(1_066.667, rel=1e-4)
+    assert h["baseline_cpu_us"] == pytest.approx((30_000 * 80 + 15_000 * 160) / 45_000)
+    assert (h["p99_ms"], h["open_rate"]) == (7.0, 400.0)
+    # without rounds the single phases are the headline
+    single = headline([p for p in phases if not p["name"].startswith("pair-")])
+    assert (single["paired_rounds"], single["ratio"]) == (0, pytest.approx(0.05))
+    text = summary_markdown({"started": "T", "command": "c", "terminals": 1, "host": "h", "phases": [],
+                             "headline": h})
+    assert "= 0.200 × codec-echo (7500 TPS) (pooled over 2 alternating rounds" in text
+    assert "gave 0.050)" in text
