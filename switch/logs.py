@@ -16,19 +16,40 @@ from typing import TextIO
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (UTC, ISO 8601 with milliseconds), ``level``,
+    ``logger``, ``msg``, the record's ``event`` keys, and ``exc`` for an exception. One line per
+    transaction: the encoder is built once and the timestamp's date and time to the second are
+    formatted once per second (as ``datetime.isoformat`` would: ``2026-11-27T05:20:01.234+00:00``)."""
+
+    _encoder = json.JSONEncoder(ensure_ascii=False, default=str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._prefix = ""
+
+    def _ts(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._prefix}.{int((created - second) * 1000):03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": self._ts(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
         event = getattr(record, "event", None)
         if isinstance(event, dict):
-            out.update({k: v for k, v in event.items() if k not in out})
+            for k, v in event.items():
+                if k not in out:
+                    out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return self._encoder.encode(out)
 
 
 class LoopBatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -71,3 +71,22 @@ def test_without_a_loop_every_line_is_written_at_once_and_flush_empties_the_batc
         assert [json.loads(x)["msg"] for x in stream.getvalue().splitlines()] == ["no loop here", "in a loop"]
 
     anyio.run(main)
+
+
+def test_json_lines_carry_the_isoformat_timestamp_the_event_and_non_ascii_text() -> None:
+    from datetime import datetime, timezone
+
+    formatter = JsonFormatter()
+    # the same second twice (the cached date and time), the next second, another day; each
+    # 0.4 ms into its millisecond, away from where float rounding could move the last digit
+    for created in (1764220800.0004, 1764220800.9994, 1764220801.5004, 1764307200.0254):
+        record = logging.LogRecord("switch.pipeline", logging.INFO, "", 0, "txn=%s shop=%s", ("consume", "老王"), None)
+        record.created = created
+        record.event = {"txn": "consume", "amount_fen": 123, "level": "not this one", "ms": 1.5, "note": None}
+        out = json.loads(formatter.format(record))
+        assert out == {
+            "ts": datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": "INFO", "logger": "switch.pipeline", "msg": "txn=consume shop=老王",
+            "txn": "consume", "amount_fen": 123, "ms": 1.5, "note": None,
+        }
+    assert "老王" in formatter.format(record)  # not \u-escaped
