@@ -162,7 +162,7 @@ class SwitchWithIssuers:
         config = self.data_dir / "switch.toml"
         config.write_text(
             f'[switch]\nport = 0\nmetrics_port = 0\nadmin_port = 0\nportal_port = 0\n'
-            f'data_dir = "{self.data_dir}"\nlog_level = "INFO"\nlog_format = "text"\n'
+            f'data_dir = "{self.data_dir}"\nlog_level = "INFO"\nlog_format = "json"\n'
             f'[timeouts]\nissuer = 2.0\n{issuer_cfg}',
             encoding="utf-8",
         )
