@@ -50,7 +50,7 @@ _PACKED = b"P1" + _RS.encode()
 def encode_fields(fields: Fields) -> bytes:
     parts = ["P1"]
     for k, v in fields.items():
-        if type(v) is bytes:
+        if isinstance(v, bytes):
             parts.append(f"{k}b{v.hex()}")
         elif _RS in v:
             return _json_fields(fields)
