@@ -59,6 +59,9 @@ class AppConfig:
     admin_port: int | None = 9200  # None or no SWITCH_ADMIN_TOKEN: no admin API
     portal_port: int | None = None  # the merchant portal (None: off)
     portal_secure_cookies: bool = False
+    # the demo: an admin or portal port already in use is logged and that surface left off (the
+    # terminal port is what §14 promises; two demos on one host must not fail on port 8080)
+    side_ports_optional: bool = False
     link_start_timeout: float = 10.0
     issuers: list[IssuerEndpoint] = field(default_factory=list)
     wait_for_links: tuple[str, ...] = ()  # links that must be up before the terminal port opens
@@ -185,21 +188,17 @@ async def run_switch(
             admin_port: int | None = None
             token = os.environ.get("SWITCH_ADMIN_TOKEN", "")
             if cfg.admin_port is not None and token:
-                admin_port = await tg.start(
-                    lambda task_status: serve_admin(store, token, cfg.host, cfg.admin_port or 0,
-                                                    task_status=task_status)
-                )
+                admin_port = await _start_side(cfg, "admin API", tg, lambda task_status: serve_admin(
+                    store, token, cfg.host, cfg.admin_port or 0, task_status=task_status))
             elif cfg.admin_port is not None:
                 log.warning("admin API off: set SWITCH_ADMIN_TOKEN to enable it")
             portal_port: int | None = None
             if cfg.portal_port is not None:
                 from switch.portal.app import serve_portal
 
-                portal_port = await tg.start(
-                    lambda task_status: serve_portal(store, cfg.host, cfg.portal_port or 0,
-                                                     secure_cookies=cfg.portal_secure_cookies,
-                                                     task_status=task_status)
-                )
+                portal_port = await _start_side(cfg, "merchant portal", tg, lambda task_status: serve_portal(
+                    store, cfg.host, cfg.portal_port or 0, secure_cookies=cfg.portal_secure_cookies,
+                    task_status=task_status))
             for name in cfg.wait_for_links:
                 if not await links[name].wait_up(cfg.link_start_timeout):
                     log.warning("issuer link %s not up after %.0fs; opening anyway", name, cfg.link_start_timeout)
@@ -218,6 +217,19 @@ async def run_switch(
             tg.cancel_scope.cancel()
     finally:
         store.close()
+
+
+async def _start_side(cfg: AppConfig, name: str, tg: anyio.abc.TaskGroup, starter: Callable[..., Any]) -> int | None:
+    """Start an HTTP surface beside the terminal port; its bound port. With
+    ``side_ports_optional`` a port that cannot be bound is logged and the surface stays off."""
+    try:
+        port: int = await tg.start(starter)
+    except OSError as exc:
+        if not cfg.side_ports_optional:
+            raise
+        log.warning("%s not started: %s", name, exc)
+        return None
+    return port
 
 
 def orphan_intent_age(issuer_timeout: float) -> float:
@@ -342,7 +354,7 @@ async def run_demo(
         cfg = AppConfig(
             data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
             issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound), admin_port=admin_port,
-            portal_port=portal_port,
+            portal_port=portal_port, side_ports_optional=True,
         )
 
         prepare: Callable[[SqliteStore], object] | None = None

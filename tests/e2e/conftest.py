@@ -38,13 +38,17 @@ class DemoSwitch:
     portal_port: int = 0
     output: list[str] = field(default_factory=list)
     _pump: threading.Thread = field(default_factory=lambda: threading.Thread(target=lambda: None))
+    # the port arguments; None: every port 0 (free ones), the admin API and the portal on
+    port_args: list[str] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ)
         env.pop("SWITCH_MASTER_KEY", None)
         env["SWITCH_ADMIN_TOKEN"] = ADMIN_TOKEN
+        ports = self.port_args if self.port_args is not None else [
+            "--port", "0", "--metrics-port", "0", "--admin-port", "0", "--portal-port", "0"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "switch.cli", "demo", "--port", "0", "--metrics-port", "0", "--admin-port", "0", "--portal-port", "0",
+            [sys.executable, "-m", "switch.cli", "demo", *ports,
              "--data-dir", str(self.data_dir), "--issuer-timeout", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
