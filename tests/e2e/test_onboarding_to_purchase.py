@@ -77,12 +77,24 @@ async def test_cli_onboarding_activation_sign_on_purchase_and_disable(tmp_path: 
         term = TerminalClient("127.0.0.1", sw.port, tid.group(1), mid.group(1), tmk)
         term.next_stan = 10
         async with term.connect():
-            assert (await term.sign_on("003")).code == "00"
+            signed = await term.sign_on("003")
+            assert signed.code == "00" and signed.header_digit6 == 1  # never downloaded parameters (§2)
             params = await term.parameter_download()
-            assert params.code == "00" and term.parameters["01"] == "测试小店"
+            assert params.code == "00" and params.header_digit6 == 0 and term.parameters["01"] == "测试小店"
             assert term.parameters["07"] == str(300_000_00) and term.parameters["04"] == "MAIN"
             r = await term.consume(CARD, 888, pin="123456", expiry="3012")
-            assert r.code == "00" and r.mac_ok
+            assert r.code == "00" and r.mac_ok and r.header_digit6 == 0
+
+            # the back office changes the merchant's parameters: digit 6 = 1 until the next download
+            cli(tmp_path, "merchant", "upgrade", mid.group(1), "--licence", "91110105MA01ABCD2X")
+            deadline = time.monotonic() + 10
+            digit6 = 0
+            while time.monotonic() < deadline and digit6 != 1:  # bounded: the switch polls for changes
+                digit6 = (await term.echo_test()).header_digit6
+                await anyio.sleep(0.1)
+            assert digit6 == 1
+            params = await term.parameter_download()
+            assert params.header_digit6 == 0 and term.parameters["07"] == str(5_000_000_00)
 
         # the code was single use
         assert (await activate(sw.port, code.group(1), "000002"))[0] == "97"
