@@ -195,6 +195,9 @@ class TransactionManager:
             if rc is ResultCode.APPROVED:
                 out.update({k: ctx.resp[k] for k in (41, 42, 62, 63)})
             return out
+        if rc is ResultCode.FORMAT_ERROR:  # §6.1: a 30 carries 11, 39, 41 and what it echoes, any MTI
+            out.update(echo(f))
+            return out
         if mti in ("0800", "0820"):
             for k in (11, 41, 42, 60):
                 if k in f:
@@ -224,8 +227,6 @@ class TransactionManager:
             return out
         # financial (0110, 0210, 0230, 0410)
         out.update(echo(f))
-        if rc is ResultCode.FORMAT_ERROR:  # §6.1: a 30 carries 11, 39, 41 and what it echoes
-            return out
         out[12] = ctx.hhmmss
         out[13] = ctx.mmdd
         out[15] = ctx.mmdd

@@ -167,7 +167,13 @@ async def test_settlement_needs_a_sign_on_and_its_fields(harness: Harness) -> No
     t = await harness.ready("20000001")
     f = settlement_fields(t, 0, 0, 0, 0)
     f[48] = "0" * 61
-    assert (await harness.send(t, "0500", f, mac=False)).code == "30"
+    r = await harness.send(t, "0500", f, mac=False)
+    # §6.1: a 30 carries 11, 39, 41 and the echo list, not the 0510 layout (no totals, no RRN)
+    assert (r.mti, r.code) == ("0510", "30") and set(r.fields) == {11, 39, 41, 42, 49, 60}
+    del f[49]
+    f[11] = t.take_stan()  # a new request, not a changed copy of the last (§11)
+    r = await harness.send(t, "0500", f, mac=False)
+    assert (r.mti, r.code) == ("0510", "30") and set(r.fields) == {11, 39, 41, 42, 60}
 
 
 async def test_batch_upload_records_differences(harness: Harness) -> None:

@@ -246,6 +246,16 @@ async def test_declined_sign_on_still_carries_the_sign_on_field_set(harness: Har
     assert set(resp.fields) == {11, 12, 13, 32, 37, 39, 41, 42, 60}
 
 
+async def test_a_30_to_a_sign_on_carries_the_echo_list_not_the_0810_layout(harness: Harness) -> None:
+    # §6.1: a 30 carries 11, 39, 41 and whatever else of the echo list decoded, for every MTI
+    client = harness.terminal("10000001")
+    fields = harness.management_fields(client, "003")
+    del fields[11]
+    resp = await harness.send(client, "0800", fields, mac=False)
+    assert (resp.mti, resp.code) == ("0810", "30")
+    assert set(resp.fields) == {39, 41, 42, 60}
+
+
 async def test_parameter_download_response_fields(harness: Harness) -> None:
     client = harness.terminal("10000001")
     await harness.sign_on(client)
