@@ -195,8 +195,11 @@ class TransactionManager:
             if rc is ResultCode.APPROVED:
                 out.update({k: ctx.resp[k] for k in (41, 42, 62, 63)})
             return out
+        echoed = echo(f)
+        if txn_name in checks.NO_AMOUNT:
+            echoed.pop(4, None)  # §6.1: a field not listed for the type (F4 of a balance inquiry) is never echoed
         if rc is ResultCode.FORMAT_ERROR:  # §6.1: a 30 carries 11, 39, 41 and what it echoes, any MTI
-            out.update(echo(f))
+            out.update(echoed)
             return out
         if mti in ("0800", "0820"):
             for k in (11, 41, 42, 60):
@@ -226,7 +229,7 @@ class TransactionManager:
             out[48] = ctx.resp.get(48, f.get(48, "0" * 62))
             return out
         # financial (0110, 0210, 0230, 0410)
-        out.update(echo(f))
+        out.update(echoed)
         out[12] = ctx.hhmmss
         out[13] = ctx.mmdd
         out[15] = ctx.mmdd

@@ -303,6 +303,18 @@ async def test_approved_balance_inquiry_carries_54_and_64_but_no_38(harness: Har
     assert verify_mac(client.keys.mak, resp.body[:-8], resp.fields[64])  # type: ignore[arg-type]
 
 
+async def test_a_balance_inquiry_carrying_f4_ignores_it_and_does_not_echo_it(harness: Harness) -> None:
+    # §6.1: F4 is not listed for a balance inquiry, so it is "ignored, never echoed, never a 30"
+    client = await harness.ready()
+    fields = client.card_fields(processing_code="310000", type_code="01", card=CMB_CARD, amount_fen=100,
+                                pin="888888", entry="manual", expiry="2912")
+    assert fields[4] == "000000000100"
+    resp = await harness.send(client, "0200", fields, mac=True)
+    assert resp.code == "00" and 4 not in resp.fields and 54 in resp.fields
+    row = harness.journal()[-1]
+    assert (row["txn"], row["amount_fen"]) == ("balance_inquiry", None)
+
+
 @pytest.mark.parametrize(
     ("req", "code"),
     [
