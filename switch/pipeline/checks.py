@@ -238,7 +238,7 @@ def _read_card(ctx: Context) -> bool:
         if ctx.pan is None:
             ctx.decline(ResultCode.FORMAT_ERROR, "track 2 has no PAN")
             return False
-    if 2 in f:
+    if 2 in f and not swipe:  # §6.1: F2 is not a swipe's field ("35 for a swipe"): ignored then
         ctx.pan = str(f[2])
     if ctx.pan is None:
         ctx.decline(ResultCode.FORMAT_ERROR, "neither F2 nor F35")

@@ -237,10 +237,15 @@ class TransactionManager:
         out[37] = ctx.rrn or ""
         out[44] = (ctx.issuer or "").ljust(11) + self.state.settings.acquirer_id.ljust(11)
         out[63] = "CUP"
-        if 2 not in f and 35 in f:  # §6.1: for a swiped card, F2 = the PAN from track 2, declines too
+        swipe = str(f.get(22, ""))[:2] == "02"
+        if 35 in f and (swipe or 2 not in f):
+            # §6.1: for a swiped card, F2 = the PAN from track 2, declines too (an F2 the swipe
+            # also carried is not its field: ignored, never echoed)
             pan = ctx.pan if ctx.track2 is not None else _pan_of_track(ctx)
             if pan is not None:
                 out[2] = pan
+            else:
+                out.pop(2, None)
         if rc is ResultCode.APPROVED:
             if ctx.auth_code:
                 out[38] = ctx.auth_code

@@ -18,7 +18,7 @@ from switch.core.codec import Fields
 from switch.core.framing import encode_frame
 from switch.crypto.des import des_ecb_encrypt
 from switch.crypto.mac import verify_mac
-from switch.domain.cards import luhn_ok
+from switch.domain.cards import luhn_ok, mask_pan
 from switch.pos.client import TerminalClient
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; its classes are imported for typing only
@@ -274,6 +274,17 @@ async def test_0830_response_fields(harness: Harness, nmc: str) -> None:
     assert (resp.mti, resp.code) == ("0830", "00")
     assert set(resp.fields) == {11, 12, 13, 39, 41, 42, 60}
     assert resp.digit6 == (3 if nmc == "002" else 0)
+
+
+async def test_a_swipe_is_routed_and_answered_by_its_track_not_by_an_f2_it_also_carries(harness: Harness) -> None:
+    # §6.1: "2 or 35 M (35 for a swipe, 2 otherwise)"; a field not listed is ignored, never echoed
+    client = await harness.ready()
+    fields = client.card_fields(processing_code="000000", type_code="22", card=RICH, amount_fen=500,
+                                pin="123456", entry="swipe", expiry="3012")
+    fields[2] = "4111237450925694"  # a card with no route (15) if it were used
+    resp = await harness.send(client, "0200", fields, mac=True)
+    assert resp.code == "00" and resp.fields[2] == RICH
+    assert harness.journal()[-1]["pan_masked"] == mask_pan(RICH)
 
 
 @pytest.mark.parametrize("entry", ["swipe", "manual"])
