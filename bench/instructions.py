@@ -11,7 +11,7 @@ shutdown cancel out. One in flight means no group commit or write batching: this
 one request on its own, a different figure from a loaded run's CPU per request, and the right
 one for comparing code paths.
 
-    python -m bench.instructions [--base 50] [--requests 300]
+    python -m bench.instructions [--base 50] [--requests 300] [--mix consume|realistic]
 
 needs valgrind (Debian's package); prints ``instructions: per_request=<n> base=<I1> total=<I2>``.
 Must not: be run by ``make test`` (minutes under valgrind), or assert anything about speed.
