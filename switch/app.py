@@ -297,18 +297,12 @@ def seed_demo(store: SqliteStore) -> None:
     db = store.db
     db.execute("BEGIN IMMEDIATE")
     try:
-        merchants = {m.mid: Merchant(m.mid, m.kind, m.shop_name, monthly_limit_fen=m.monthly_limit_fen)
-                     for m in demo_fixture.MERCHANTS}
-        for merchant in merchants.values():
-            store.add_merchant(merchant)
+        for m in demo_fixture.MERCHANTS:
+            store.add_merchant(Merchant(m.mid, m.kind, m.shop_name, monthly_limit_fen=m.monthly_limit_fen))
         for t in demo_fixture.TERMINALS:
-            # the fixture's active terminals hold their merchant's current parameters (header
-            # digit 6 = 0 once signed on, as in the golden vectors); the one awaiting activation
-            # has never downloaded any (specs/decisions.md)
-            downloaded = merchants[t.mid].params_version if t.state == "active" else 0
             store.add_terminal(
                 Terminal(t.tid, t.mid, t.role, t.main_tid, t.state,
-                         tmk=bytes.fromhex(t.tmk_hex) if t.tmk_hex else None, params_version=downloaded),
+                         tmk=bytes.fromhex(t.tmk_hex) if t.tmk_hex else None),
                 activation_code=t.activation_code,
                 expires=time.time() + 24 * 3600 if t.activation_code else None,
             )

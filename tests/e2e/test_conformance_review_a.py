@@ -94,7 +94,7 @@ async def test_echo_and_parameter_download_field_sets(demo: DemoSwitch) -> None:
         assert (await term.sign_on("003")).code == "00"
         e = await term.echo_test()
         assert e.mti == "0830" and set(e.fields) == {11, 12, 13, 39, 41, 42, 60}
-        assert e.header_digit6 == 0  # signed on; the fixture's terminals hold their current parameters
+        assert e.header_digit6 == 1  # signed on, parameters never downloaded
         p = await term.parameter_download()
         assert p.code == "00" and set(p.fields) == {11, 39, 41, 42, 60, 62}
         assert p.header_digit6 == 0
@@ -214,7 +214,7 @@ async def test_decode_error_30_layout_and_digit6(demo: DemoSwitch) -> None:
         r = await term.send_raw(frame.replace(f53, bytes.fromhex("2A00000000000000")))
         assert r is not None and r.code == "30" and r.mti == "0210"
         assert {11, 39, 41} <= set(r.fields) <= ECHO | {39}
-        assert r.header_digit6 == 0  # keys and current parameters
+        assert r.header_digit6 == 1
 
 
 # ---- §2 / §12.1 step 1: closes -----------------------------------------------------------
@@ -393,7 +393,7 @@ async def test_never_signed_on_77_digit6_3(demo: DemoSwitch) -> None:
                                    mac=False)
         assert s.code == "77" and s.mti == "0510" and s.header_digit6 == 3
         assert set(s.fields) == {11, 12, 13, 15, 32, 37, 39, 41, 42, 48, 49, 60}
-        assert (await term.sign_on("003")).header_digit6 == 0
+        assert (await term.sign_on("003")).header_digit6 == 1
 
 
 async def test_old_keys_stop_working_after_sign_on(demo: DemoSwitch) -> None:
@@ -423,12 +423,12 @@ async def test_five_mac_failures_revoke(demo: DemoSwitch) -> None:
         assert ok.code == "00"
         for i in range(4):
             r = await send_bad_mac(term, consume_fields(term, pin=False))
-            assert r.code == "A0" and r.header_digit6 == 0
+            assert r.code == "A0" and r.header_digit6 == 1
         fifth = await send_bad_mac(term, consume_fields(term, pin=False))
         assert fifth.code == "A0" and fifth.header_digit6 == 3 and 64 not in fifth.fields
         after = await term.send_fields("0200", consume_fields(term, pin=False))
         assert after.code == "77" and after.header_digit6 == 3
-        assert codes == [("A0", 0)] * 4
+        assert codes == [("A0", 1)] * 4
         assert (await term.sign_on("003")).code == "00"
         assert (await term.send_fields("0200", consume_fields(term, pin=False, amount=1))).code == "00"
 

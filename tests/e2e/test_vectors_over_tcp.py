@@ -1,8 +1,10 @@
 """The golden vectors' sign-on, sent byte for byte to a fresh `switch demo`: the 0810 carries the
-vector response's TPDU, header (digit 6 = 0: the fixture's terminals hold their merchant's current
-parameters, specs/decisions.md), MTI, bitmap and length, and its keys decrypt under the TMK with the
-check values the response carries. (The vectors' consume and balance frames carry a MAC under the
-vectors' own MAK, which a real sign-on never issues, so they cannot be replayed.)"""
+vector response's TPDU, header (but digit 6), MTI, bitmap and length, and its keys decrypt under
+the TMK with the check values the response carries. Digit 6 is §2's `1`: the fixture's terminal has
+never downloaded its parameters; the vectors' responses copy the request's header (they are
+composed, not recorded: F12 holds the STAN as its seconds, and a 51 answers the card holding
+1,000,000.00), see specs/decisions.md. (The vectors' consume and balance frames carry a MAC under
+the vectors' own MAK, which a real sign-on never issues, so they cannot be replayed.)"""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ async def test_the_vector_sign_on_gets_the_vector_response_layout(tmp_path: Path
             r = await client.send_raw(request)
         assert r is not None and r.mti == "0810" and r.code == "00"
         assert r.raw[:2] == expected[:2]  # the same length: the same fields at the same sizes
-        assert r.raw[2:13] == expected[2:13]  # TPDU and header, digit 6 included
+        assert r.raw[2:9] == expected[2:9] and r.raw[10:13] == expected[10:13]  # TPDU, header but byte 3
+        assert r.raw[9] >> 4 == expected[9] >> 4 and r.header_digit6 == 1  # never downloaded (§2)
         assert r.raw[13:23] == expected[13:23]  # MTI and bitmap
         f62 = r.fields[62]
         assert isinstance(f62, bytes)

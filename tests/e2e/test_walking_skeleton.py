@@ -71,7 +71,7 @@ async def test_sign_on_each_key_mode(demo: DemoSwitch, mode: str, pik_len: int, 
 async def test_header_digit6_follows_parameter_download(demo: DemoSwitch) -> None:
     term = demo.terminal("20000001")
     async with term.connect():
-        assert (await term.sign_on("003")).header_digit6 == 0  # the fixture's current parameters
+        assert (await term.sign_on("003")).header_digit6 == 1  # never downloaded parameters
         p = await term.parameter_download()
         assert p.code == "00" and p.header_digit6 == 0
         assert term.parameters["01"] == "星河超市" and term.parameters["04"] == "MAIN"

@@ -206,7 +206,7 @@ async def test_sign_on_response_fields(harness: Harness) -> None:
     rrn = resp.fields[37]
     assert isinstance(rrn, str) and len(rrn) == 12 and rrn.isdigit()
     assert client.keys is not None and len(client.keys.pik) == 16  # F62 parsed, check values verified
-    assert resp.digit6 == 0  # keys, and the fixture's terminals hold their current parameters
+    assert resp.digit6 == 1  # keys, but parameters never downloaded
 
 
 @pytest.mark.parametrize(("mode", "f62_len"), [("001", 24), ("003", 40), ("004", 60)])
@@ -452,25 +452,25 @@ async def test_header_digit6_follows_keys_and_parameters(harness: Harness) -> No
     seen.append(("consume", (r := await consume()).code, r.digit6))
     seen.append(("sign_on", (r := await h.sign_on(client)).code, r.digit6))
     seen.append(("consume", (r := await consume()).code, r.digit6))
-    h.state.merchants[client.mid].params_version += 1  # the back office changed M1's parameters
-    seen.append(("consume", (r := await consume()).code, r.digit6))
-    seen.append(("sign_on", (r := await h.sign_on(client)).code, r.digit6))
     seen.append(("params", (r := await h.parameter_download(client)).code, r.digit6))
     seen.append(("consume", (r := await consume()).code, r.digit6))
     seen.append(("echo", (r := await echo_test()).code, r.digit6))
+    h.state.merchants[client.mid].params_version += 1  # the back office changed M1's parameters
+    seen.append(("consume", (r := await consume()).code, r.digit6))
+    seen.append(("params", (r := await h.parameter_download(client)).code, r.digit6))
     off = await h.send(client, "0820", h.management_fields(client, "002"), mac=False)
     seen.append(("sign_off", off.code, off.digit6))
     seen.append(("consume", (r := await consume()).code, r.digit6))
     assert seen == [
         ("echo", "00", 3),
         ("consume", "77", 3),
-        ("sign_on", "00", 0),  # the fixture's terminals start with their merchant's parameters
-        ("consume", "00", 0),
-        ("consume", "00", 1),  # changed since the last download (§9.3)
         ("sign_on", "00", 1),
+        ("consume", "00", 1),
         ("params", "00", 0),
         ("consume", "00", 0),
         ("echo", "00", 0),
+        ("consume", "00", 1),  # parameters changed since the last download (§2, §9.3)
+        ("params", "00", 0),
         ("sign_off", "00", 3),
         ("consume", "77", 3),
     ]
@@ -490,10 +490,9 @@ async def test_the_rest_of_the_header_and_the_tpdu_are_echoed(harness: Harness) 
     client = harness.terminal("10000001")
     client.tpdu = bytes.fromhex("6012345678")
     client.header = bytes.fromhex("6131100FFFFF")
-    harness.state.terminals["10000001"].params_version = 0  # as a terminal that never downloaded any
     resp = await harness.sign_on(client)
     assert resp.tpdu == bytes.fromhex("6012345678")
-    assert resp.header == bytes.fromhex("6131110FFFFF")  # digit 6 = 1: no parameters yet
+    assert resp.header == bytes.fromhex("6131110FFFFF")  # digit 6 = 1 (no parameters yet)
 
 
 async def test_five_mac_failures_revoke_the_keys(harness: Harness) -> None:
