@@ -37,6 +37,7 @@ _Z_DIGITS = frozenset("0123456789ABCDEF=")
 # field kinds, compiled from "fmt" per dialect field
 _TEXT, _N, _B, _Z, _Z_ASCII = range(5)
 _KIND = {"an": _TEXT, "ans": _TEXT, "n": _N, "b": _B, "z": _Z}
+_MAX_RELAXED = 4  # fields with a bad pad nibble or length read past, per message
 
 
 class SpecError(ValueError):
@@ -149,6 +150,7 @@ class Codec:
             # the field that failed may sit in doc_dec half-decoded (e.g. with its pad nibble):
             # never report it as cleanly decoded
             partial = self._typed_partial({k: v for k, v in exc.doc_dec.items() if k != exc.field})
+            partial.update(self._past_bad_fields(body, exc))
             mti = exc.doc_dec.get("t") or None
             raise CodecError(exc.msg, exc.field, exc.pos, partial, mti) from None
         except KeyError as exc:
@@ -194,6 +196,49 @@ class Codec:
                             pass
                 raise
         return mti, out
+
+    def _past_bad_fields(self, body: bytes, first: DecodeError) -> Fields:
+        """The clean fields after ones whose extent is known but whose content is not: a pad
+        nibble other than the dialect's, or a length prefix above the field's maximum (the
+        prefix itself is readable, so where the field ends is too). Decoding is repeated with
+        each such field relaxed, at most ``_MAX_RELAXED`` of them, so that F11 and F41 after a
+        bad F2, F22 or F35 still decode and the request can be answered ``30`` (§12.1 step 1).
+        The relaxed fields themselves are never reported."""
+        spec = dict(self._probe_spec)  # an undefined bit stops decoding, with what came before it
+        relaxed: set[str] = set()
+        exc = first
+        for _ in range(_MAX_RELAXED):
+            fs = self._relaxed(exc)
+            if fs is None:
+                break
+            spec[exc.field] = fs
+            relaxed.add(exc.field)
+            try:
+                doc, _ = iso8583.decode(body, spec)
+            except DecodeError as again:
+                exc = again
+                continue
+            return self._typed_partial({k: v for k, v in doc.items() if k not in relaxed})
+        if not relaxed:
+            return {}
+        return self._typed_partial({k: v for k, v in exc.doc_dec.items() if k not in relaxed and k != exc.field})
+
+    def _relaxed(self, exc: DecodeError) -> dict[str, Any] | None:
+        """The failed field's spec loosened just enough to read past it, or None when where it
+        ends is unknown (truncated, an unreadable length, an undefined field)."""
+        key = exc.field
+        if key not in self._spec or not key.isdigit():
+            return None
+        fs = dict(self._spec[key])
+        if "larger than maximum" in exc.msg and fs["len_type"]:
+            digits = 2 * fs["len_type"] if fs["len_enc"] == "bcd" else fs["len_type"]
+            fs["max_len"] = 10**digits - 1
+            return fs
+        data = exc.doc_enc.get(key, {}).get("data", b"")
+        if "nibbles, expecting" in exc.msg and fs.get("right_pad") and data:
+            fs["right_pad"] = data[-1:].hex().upper()[-1]  # the pad nibble it carries
+            return fs
+        return None
 
     def _typed_partial(self, doc: Mapping[str, str]) -> Fields:
         out: Fields = {}

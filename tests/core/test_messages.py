@@ -182,6 +182,42 @@ def test_non_digit_in_f4_is_answered_with_the_rest_decoded() -> None:
     assert bad.partial[60] == "22000001000"
 
 
+F22_LAST, F35_LEN, F35_LAST = 23, F35_AT, F35_AT + 19  # F22's pad byte; F35's LL and last byte
+
+
+def mutated(*changes: tuple[int, int]) -> Frame:
+    body = bytearray(CONSUME_FRAME.body)
+    for at, value in changes:
+        body[at] = value
+    return with_body(bytes(body))
+
+
+@pytest.mark.parametrize(
+    ("changes", "bad"),
+    [
+        (((F22_LAST, 0x1F),), {22}),  # F22 "021" left-aligned with pad nibble F, not 0 (§3)
+        (((F35_LAST, 0x0F),), {35}),  # the track's trailing pad nibble F
+        (((F35_LEN, 0x38),), {35}),  # LL 38 digits: above F35's 37, its extent still known
+        (((F35_LEN, 0x38), (F22_LAST, 0x1F)), {22, 35}),  # two of them
+    ],
+    ids=["f22-pad", "f35-pad", "f35-over-max", "both"],
+)
+def test_a_bad_pad_or_length_before_f41_is_read_past_and_answered(changes: tuple[tuple[int, int], ...],
+                                                                  bad: set[int]) -> None:
+    # §12.1 step 1: 30 when MTI, F11 and F41 decode; these fields' extent is known, so they do
+    bad_req = read_request(CODEC, mutated(*changes))
+    assert isinstance(bad_req, Malformed) and not bad_req.close
+    full = typed(CONSUME["fields"])
+    assert bad_req.partial == {k: v for k, v in full.items() if k not in bad}
+
+
+@pytest.mark.parametrize("ll", [0x3A, 0xFF], ids=["non-bcd-length", "non-bcd-length-ff"])
+def test_an_unreadable_length_before_f41_still_closes(ll: int) -> None:
+    bad_req = read_request(CODEC, mutated((F35_LEN, ll)))
+    assert isinstance(bad_req, Malformed) and bad_req.close
+    assert 41 not in bad_req.partial and 35 not in bad_req.partial
+
+
 def test_undefined_field_after_f41_is_answered_not_closed() -> None:
     body = bytearray(CONSUME_FRAME.body)
     body[2 + 5] |= 0x08  # bit 45: not defined in specs/terminal.json, comes after F11 and F41

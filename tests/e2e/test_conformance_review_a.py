@@ -217,6 +217,20 @@ async def test_decode_error_30_layout_and_digit6(demo: DemoSwitch) -> None:
         assert r.header_digit6 == 1
 
 
+async def test_a_bad_pad_nibble_in_f2_is_answered_30_not_closed(demo: DemoSwitch) -> None:
+    """§3: an odd-length n field is padded with a trailing 0 nibble; F2 (before F11 and F41) padded
+    with F still has a known extent, so F11 and F41 decode and §12.1 step 1 answers 30."""
+    term = demo.terminal("10000001")
+    async with term.connect():
+        await term.sign_on("003")
+        frame, _ = term.build_frame("0200", consume_fields(term, entry="manual"), mac=True)
+        f2 = bytes.fromhex("19" + CARD + "0")
+        assert frame.count(f2) == 1
+        r = await term.send_raw(frame.replace(f2, bytes.fromhex("19" + CARD + "F")))
+        assert r is not None and (r.mti, r.code) == ("0210", "30")
+        assert {11, 39, 41} <= set(r.fields) and 2 not in r.fields
+
+
 # ---- §2 / §12.1 step 1: closes -----------------------------------------------------------
 @pytest.mark.parametrize("mti", ["0210", "0600", "0810"])
 async def test_non_request_mti_is_closed(demo: DemoSwitch, mti: str) -> None:
