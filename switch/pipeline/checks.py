@@ -248,9 +248,15 @@ def _read_card(ctx: Context) -> bool:
     return True
 
 
+# §6/§7: F22 `03` selects scan-to-pay on the consume key, and "a scan-to-pay can be voided and
+# refunded like a consume"; every other transaction's F2 is a card number (Luhn, BIN route)
+WALLET_TRANSACTIONS = frozenset({"scan_to_pay", "consume_void", "refund"})
+
+
 def is_wallet_request(ctx: Context) -> bool:
     """Scan-to-pay and its void and refund: F22 entry mode 03 (barcode/QR), F2 a payment code."""
-    return str(ctx.request.fields.get(22, ""))[:2] == "03"
+    return (str(ctx.request.fields.get(22, ""))[:2] == "03" and ctx.txn is not None
+            and ctx.txn.name in WALLET_TRANSACTIONS)
 
 
 def check_card_and_route(state: SwitchState, ctx: Context) -> None:

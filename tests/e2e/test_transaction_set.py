@@ -327,6 +327,21 @@ async def test_scan_to_pay_void_and_refund(demo: DemoSwitch) -> None:
     assert (row2["state"], row2["refunded_fen"]) == ("approved", 1_500)
 
 
+@pytest.mark.parametrize(
+    "kind, amount, extra",
+    [("balance", None, None), ("pre_auth", 1_000, None), ("transfer", 1_000, {48: CMB_DEST}),
+     ("transfer", 1_000, {48: NO_ROUTE_CARD})],
+    ids=["balance", "pre-auth", "transfer", "transfer-unrouted-destination"],
+)
+async def test_f22_03_selects_a_wallet_only_for_scan_to_pay_and_its_void_and_refund(
+        demo: DemoSwitch, kind: str, amount: int | None, extra: dict | None) -> None:
+    # §6: F22 03 selects scan-to-pay on the consume key; §7: every other F2 is a card number and
+    # must pass Luhn (14): a payment code there is not routed to a wallet
+    async with signed_on(demo.terminal()) as term:
+        r = await send(term, scan_request(term, kind, WECHAT_CODE, amount, extra=extra))
+    assert r.code == "14" and 38 not in r.fields
+
+
 # ---- reversal (§11) ------------------------------------------------------------------------
 async def test_reversal_of_an_approved_consume_and_its_repeat(demo: DemoSwitch) -> None:
     async with signed_on(demo.terminal()) as term:
