@@ -122,7 +122,11 @@ class TransactionManager:
                     ctx.store_ops.append(state.saf.op_promote_intents(list(ctx.intents)))
                     ctx.after_commit.append(state.saf.wake)
             if ctx.resend is not None:
-                await self._journal(ctx, ResultCode(self._resent_code(ctx.resend)))
+                code = self._resent_code(ctx.resend)
+                await self._journal(ctx, ResultCode(code))
+                # §15: every answered request is counted, a retransmission's stored answer too
+                state.metrics.request_completed(ctx.txn.name if ctx.txn else "unknown", code,
+                                                time.perf_counter() - ctx.started)
                 data = ctx.resend
             else:
                 data = await self._respond(ctx)

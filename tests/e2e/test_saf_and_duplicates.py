@@ -98,6 +98,8 @@ async def test_same_consume_bytes_twice_same_answer_one_debit(tmp_path: Path) ->
         rows = journal_by_stan(running, str(fields[11]))
         assert [(r["txn"], r["state"]) for r in rows] == [("consume", "approved"), ("consume", "duplicate")]
         assert metric(exposition(running), "switch_duplicates_total", outcome="resent") == 1
+        # §15: both answers are requests answered
+        assert metric(exposition(running), "switch_requests_total", transaction="consume", response_code="00") == 2
 
 
 async def test_concurrent_copies_wait_for_the_first(tmp_path: Path) -> None:
