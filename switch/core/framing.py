@@ -76,8 +76,14 @@ class FrameReader:
 
     @property
     def mid_frame(self) -> bool:
-        """True while part of a frame is buffered (the read timeout applies)."""
-        return bool(self._buf)
+        """True while the next frame is only partly buffered (the read timeout applies). Whole
+        frames waiting for a free in-flight slot are not a stall."""
+        buf = self._buf
+        if not buf:
+            return False
+        if len(buf) < LEN_BYTES:
+            return True
+        return len(buf) < LEN_BYTES + int.from_bytes(buf[:LEN_BYTES], "big")
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed.

@@ -453,3 +453,26 @@ async def test_frames_beyond_the_in_flight_limit_wait_for_a_free_slot() -> None:
             answers.add(got.body)
         assert answers == {b"R" + b for b in bodies}
         assert srv.metrics.closed == []
+
+
+async def test_whole_frames_waiting_for_a_slot_are_not_a_stalled_read() -> None:
+    # §1: only a frame stalled mid-way is closed after read_timeout; complete frames that wait
+    # because the in-flight slots are full (reading paused by the server) are not a stall
+    async with running_server(idle=5.0, read=0.3) as srv, connect(srv.port) as c:
+        h = srv.handler
+        limit = srv.server.settings.max_in_flight_per_connection
+        bodies = [b"HOLD-%02d" % i for i in range(limit + 8)]
+        await c.stream.send(b"".join(frame(b) for b in bodies))
+        for body in bodies[:limit]:
+            await h.entered(body).wait()
+        await anyio.sleep(0.8)  # well past read_timeout with 8 whole frames buffered
+        assert srv.metrics.closed == []
+        for body in bodies:
+            h.gate(body).set()
+        answers = set()
+        for _ in bodies:
+            got = await c.read()
+            assert got is not None
+            answers.add(got.body)
+        assert answers == {b"R" + b for b in bodies}
+        assert srv.metrics.closed == []

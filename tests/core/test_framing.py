@@ -237,3 +237,16 @@ def test_response_header_does_not_mutate_its_input() -> None:
 def test_response_header_rejects_non_decimal_digit(digit6: int) -> None:
     with pytest.raises(ValueError):
         response_header(bytes(6), digit6)
+
+
+def test_mid_frame_means_a_partly_buffered_frame_only() -> None:
+    reader = FrameReader()
+    assert not reader.mid_frame
+    reader.receive_data(WIRE[0][:1])
+    assert reader.mid_frame  # half a LEN
+    reader.receive_data(WIRE[0][1:] + WIRE[1])
+    assert not reader.mid_frame  # two whole frames waiting: not a stall
+    reader.receive_data(WIRE[2][:5])
+    assert not reader.mid_frame  # the next frame is whole; the partial one is behind it
+    assert reader.next_frame() is not None and reader.next_frame() is not None
+    assert reader.mid_frame  # now the partial one is next
