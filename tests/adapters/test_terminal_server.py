@@ -426,16 +426,23 @@ async def test_a_failing_handler_call_does_not_take_down_other_connections() -> 
             assert got is not None and got.body == b"RAFTER-BOOM"
 
 
+async def fill_the_slots(srv: Running, c: Client, limit: int) -> list[bytes]:
+    """Send limit + 8 held frames in one write; returns their bodies once the first ``limit``
+    are being handled (the rest wait for a free in-flight slot)."""
+    bodies = [b"HOLD-%02d" % i for i in range(limit + 8)]
+    await c.stream.send(b"".join(frame(b) for b in bodies))
+    for body in bodies[:limit]:
+        await srv.handler.entered(body).wait()
+    return bodies
+
+
 async def test_frames_beyond_the_in_flight_limit_wait_for_a_free_slot() -> None:
     # 40 frames in one write; at most max_in_flight_per_connection (32) are handled at once, the
     # rest wait unread until answers free slots, then all 40 are answered
     async with running_server(idle=5.0) as srv, connect(srv.port) as c:
         h = srv.handler
         limit = srv.server.settings.max_in_flight_per_connection
-        bodies = [b"HOLD-%02d" % i for i in range(limit + 8)]
-        await c.stream.send(b"".join(frame(b) for b in bodies))
-        for body in bodies[:limit]:
-            await h.entered(body).wait()
+        bodies = await fill_the_slots(srv, c, limit)
         for _ in range(20):  # give the server every chance to take more than the limit
             await anyio.sleep(0.01)
         assert h.calls == bodies[:limit]
@@ -461,10 +468,7 @@ async def test_whole_frames_waiting_for_a_slot_are_not_a_stalled_read() -> None:
     async with running_server(idle=5.0, read=0.3) as srv, connect(srv.port) as c:
         h = srv.handler
         limit = srv.server.settings.max_in_flight_per_connection
-        bodies = [b"HOLD-%02d" % i for i in range(limit + 8)]
-        await c.stream.send(b"".join(frame(b) for b in bodies))
-        for body in bodies[:limit]:
-            await h.entered(body).wait()
+        bodies = await fill_the_slots(srv, c, limit)
         await anyio.sleep(0.8)  # well past read_timeout with 8 whole frames buffered
         assert srv.metrics.closed == []
         for body in bodies:
