@@ -115,12 +115,10 @@ def classify(mti: str, fields: Fields) -> TxnType | None:
     f60 = Field60.parse(raw60) if isinstance(raw60, str) else None
     if f60 is None:
         return None
+    # §6: "Key = MTI + F3 + F25 + 60.1 (financial) or MTI + 60.3 (management)": the table's 00
+    # in 60.1 of a management row and 000 in 60.3 of a financial row are values, not key parts
     if mti in MANAGEMENT_MTIS:
-        if f60.txn_type != "00":
-            return None
         return MANAGEMENT.get((mti, f60.nmc))
-    if f60.nmc != "000":
-        return None
     f3, f25 = fields.get(3), fields.get(25)
     if not isinstance(f3, str) or not isinstance(f25, str):
         return None

@@ -163,12 +163,11 @@ def test_reversal_of_scan_to_pay() -> None:
         fin("0400", "999999", "00", "22"),  # unknown F3
         fin("0400", "000000", "06", "22"),  # F25 of another family
         fin("0400", "000000", "00", "99"),  # unknown 60.1
-        {**fin("0400", "000000", "00", "22"), 60: "22000001001"},  # 60.3 not 000
         {k: v for k, v in fin("0400", "000000", "00", "22").items() if k != 3},
         {k: v for k, v in fin("0400", "000000", "00", "22").items() if k != 25},
         {k: v for k, v in fin("0400", "000000", "00", "22").items() if k != 60},
     ],
-    ids=["f3", "f25", "60.1", "60.3", "no_f3", "no_f25", "no_f60"],
+    ids=["f3", "f25", "60.1", "no_f3", "no_f25", "no_f60"],
 )
 def test_reversal_with_unknown_original_key_is_none(fields: Fields) -> None:
     assert classify("0400", fields) is None
@@ -185,7 +184,6 @@ def test_reversal_with_unknown_original_key_is_none(fields: Fields) -> None:
         ("0220", fin("0220", "000000", "00", "22")),  # consume key under 0220
         ("0100", fin("0100", "000000", "00", "22")),  # consume key under 0100
         ("0200", fin("0200", "030000", "06", "10")),  # pre-auth key under 0200
-        ("0200", {**fin("0200", "000000", "00", "22"), 60: "22000001001"}),  # 60.3 not 000
         ("0200", {k: v for k, v in fin("0200", "000000", "00", "22").items() if k != 3}),
         ("0200", {k: v for k, v in fin("0200", "000000", "00", "22").items() if k != 25}),
         ("0800", mgmt("0800", "002")),  # sign-off code under 0800
@@ -193,13 +191,21 @@ def test_reversal_with_unknown_original_key_is_none(fields: Fields) -> None:
         ("0820", mgmt("0820", "001")),  # sign-on code under 0820
         ("0500", mgmt("0500", "202")),
         ("0320", mgmt("0320", "203")),
-        ("0800", {**mgmt("0800", "001"), 60: "01000001001"}),  # management with 60.1 != 00
         ("0210", fin("0210", "000000", "00", "22")),  # a response MTI
         ("0900", mgmt("0900", "001")),
     ],
 )
 def test_unknown_keys_are_none(mti: str, fields: Fields) -> None:
     assert classify(mti, fields) is None
+
+
+def test_the_key_is_the_one_section_6_names_and_no_more() -> None:
+    """§6: "Key = MTI + F3 + F25 + 60.1 (financial) or MTI + 60.3 (management)". The table's 00 in
+    a management row's 60.1 and 000 in a financial row's 60.3 are not part of the key."""
+    assert classify("0800", {**mgmt("0800", "001"), 60: "01000001001"}) is tx.SIGN_ON
+    assert classify("0820", {**mgmt("0820", "301"), 60: "99000001301"}) is tx.ECHO_TEST
+    assert classify("0200", {**fin("0200", "000000", "00", "22"), 60: "22000001001"}) is tx.CONSUME
+    assert classify("0400", {**fin("0400", "000000", "00", "22"), 60: "22000001001"}) is tx.REVERSAL
 
 
 @pytest.mark.parametrize("f60", ["", "2200000100", "0000000100"])
