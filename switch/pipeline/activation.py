@@ -64,16 +64,21 @@ def activate(state: SwitchState, ctx: Context) -> None:
         ctx.decline(ResultCode.ACTIVATION_LOCKOUT, "too many wrong activation codes from this address")
         return
     f62 = ctx.request.fields.get(62)
-    if not isinstance(f62, bytes) or len(f62) < 9 or not f62[:8].isdigit():
-        ctx.decline(ResultCode.FORMAT_ERROR, "F62: 8-digit code + public key")
+    if not isinstance(f62, bytes):
+        ctx.decline(ResultCode.FORMAT_ERROR, "F62 (code + public key) missing")
         return
-    code, public_key = f62[:8].decode(), f62[8:]
-    rows = state.store.query(
-        "SELECT t.tid, t.mid, t.role, t.main_tid, t.state, t.activation_expires, m.state AS merchant_state,"
-        " m.shop_name FROM terminals t JOIN merchants m ON m.mid = t.mid WHERE t.activation_code_hash = ?",
-        (hashlib.sha256(code.encode()).hexdigest(),),
-    )
-    row = rows[0] if rows else None
+    # §9.1: a code that is not 8 digits (mistyped: too short, a letter) is a wrong code, 97 and
+    # counted toward the lockout like any other guess; only a missing F62 or a key that does not
+    # load is a format error
+    head, public_key = f62[:8], f62[8:]
+    row = None
+    if len(head) == 8 and head.isdigit():
+        rows = state.store.query(
+            "SELECT t.tid, t.mid, t.role, t.main_tid, t.state, t.activation_expires, m.state AS merchant_state,"
+            " m.shop_name FROM terminals t JOIN merchants m ON m.mid = t.mid WHERE t.activation_code_hash = ?",
+            (hashlib.sha256(head).hexdigest(),),
+        )
+        row = rows[0] if rows else None
     if row is None or row["state"] != "awaiting_activation" or (row["activation_expires"] or 0) < time.time():
         if not guard.wrong(store, peer, now):
             state.metrics.activation_failure("lockout")

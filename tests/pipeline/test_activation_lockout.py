@@ -92,6 +92,30 @@ async def test_five_wrong_codes_then_75_even_for_the_right_code(harness: Harness
     assert await activate(harness.manager, RIGHT_CODE, NEIGHBOUR, 300) == "00"
 
 
+@pytest.mark.parametrize("bad", ["4821357", "4821357X", "4821 579", "--------"])
+async def test_a_code_that_is_not_8_digits_is_a_wrong_code(harness: Harness, bad: str) -> None:
+    """§9.1: a mistyped code (seven digits, a letter, a space) is a wrong code: 97, and it counts
+    toward the lockout like any other guess (not a 30 that an attacker could repeat for free)."""
+    counted = CountingMetrics(harness.metrics)
+    codes = [await activate(harness.manager, bad, ATTACKER, 100 + i) for i in range(MAX_WRONG)]
+    assert codes == ["97"] * MAX_WRONG
+    assert harness.store.activation_failures_since(ATTACKER, 0.0) == MAX_WRONG
+    assert await activate(harness.manager, RIGHT_CODE, ATTACKER, 200) == "75"
+    assert counted.reasons == ["wrong_code"] * MAX_WRONG + ["lockout"]
+
+
+async def test_a_right_code_with_a_key_that_does_not_load_is_30_and_the_code_stays_valid(
+    harness: Harness,
+) -> None:
+    client = TerminalClient("127.0.0.1", 1, " " * 8, " " * 15, bytes(16))
+    raw, _ = client.build_frame("0800", {11: "000100", 41: " " * 8, 42: " " * 15, 60: "00000001351",
+                                         62: RIGHT_CODE.encode() + b"not a DER key"}, mac=False)
+    _, fields = await round_trip(harness.manager, raw, ATTACKER)
+    assert fields[39] == "30"
+    assert harness.store.activation_failures_since(ATTACKER, 0.0) == 0
+    assert await activate(harness.manager, RIGHT_CODE, ATTACKER, 101) == "00"
+
+
 async def test_the_window_slides_and_a_right_code_does_not_clear_it(harness: Harness) -> None:
     clock = FakeClock()
     harness.state.activation_guard = ActivationGuard(clock)
