@@ -78,7 +78,32 @@ def read_request(codec: Codec, frame: Frame) -> Request | Malformed:
         if isinstance(partial.get(11), str) and isinstance(partial.get(41), str):
             return Malformed(f"decode:{exc.field}", False, frame, mti, partial)
         return Malformed(f"decode:{exc.field}", True, frame, mti, partial)
+    bad = _bad_clear_track(fields)
+    if bad is not None:
+        partial = {k: v for k, v in fields.items() if k != bad}
+        answerable = isinstance(partial.get(11), str) and isinstance(partial.get(41), str)
+        return Malformed(f"decode:{bad}", not answerable, frame, mti, partial)
     return Request(frame, mti, fields)
+
+
+_CLEAR_TRACK = frozenset("0123456789=")
+
+
+def _bad_clear_track(fields: Fields) -> int | None:
+    """§3: "a numeric field holding a non-digit nibble (other than D in z) is a format error".
+    The codec lets A-F through in ``z`` fields because a TDK-encrypted track has them (§10.3); a
+    track that F53 digit 3 does not declare encrypted is clear, so any such nibble in it fails
+    step 1 here. An encrypted one is checked once decrypted (step 7)."""
+    if 35 not in fields and 36 not in fields:
+        return None
+    f53 = fields.get(53)
+    if isinstance(f53, str) and f53[2:3] == "1":
+        return None
+    for k in (35, 36):
+        v = fields.get(k)
+        if isinstance(v, str) and not _CLEAR_TRACK.issuperset(v):
+            return k
+    return None
 
 
 def response_mti(request_mti: str) -> str:

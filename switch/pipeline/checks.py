@@ -172,6 +172,12 @@ def check_mandatory(state: SwitchState, ctx: Context) -> None:
     elif pin_fields:
         ctx.decline(ResultCode.FORMAT_ERROR, "PIN fields without a PIN entry mode")
         return
+    f53 = f.get(53)
+    if isinstance(f53, str) and f53[:1] != ("2" if _pin_entered(ctx) else "0"):
+        # §4: digit 1 is 2 with a PIN (format 0 with PAN), else 0; any other value declares a
+        # PIN block this switch cannot read, or one the request does not carry
+        ctx.decline(ResultCode.FORMAT_ERROR, "F53 digit 1 does not match the PIN entry")
+        return
     if not _read_card(ctx):
         return
     if txn.name not in NO_AMOUNT:
@@ -220,7 +226,15 @@ def _read_card(ctx: Context) -> bool:
     if encrypted_track and ctx.terminal is not None and ctx.terminal.key_mode != "004":
         ctx.decline(ResultCode.FORMAT_ERROR, "encrypted track without a 004 sign-on")
         return False
+    if encrypted_track and isinstance(f.get(36), str):
+        assert ctx.terminal is not None and ctx.terminal.tdk is not None
+        try:  # track 3 is not used, but like track 2 it must decrypt to digits and separators
+            decrypt_track(ctx.terminal.tdk, str(f[36]))
+        except TrackError:
+            ctx.decline(ResultCode.FORMAT_ERROR, "track 3 does not decrypt")
+            return False
     if 35 in f:
+        # a clear track with a non-digit nibble failed decoding already (step 1, core/messages.py)
         track = str(f[35])
         if encrypted_track:
             assert ctx.terminal is not None and ctx.terminal.tdk is not None
@@ -229,9 +243,6 @@ def _read_card(ctx: Context) -> bool:
             except TrackError:
                 ctx.decline(ResultCode.FORMAT_ERROR, "track does not decrypt")
                 return False
-        if not set(track) <= set("0123456789="):
-            ctx.decline(ResultCode.FORMAT_ERROR, "track 2 holds a non-digit nibble")
-            return False
         ctx.track2 = track
         ctx.pan = pan_from_track2(track)
         ctx.expiry = expiry_from_track2(track)
