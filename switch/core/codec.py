@@ -198,9 +198,10 @@ class Codec:
         return mti, out
 
     def _past_bad_fields(self, body: bytes, first: DecodeError) -> Fields:
-        """The clean fields after ones whose extent is known but whose content is not: a pad
-        nibble other than the dialect's, or a length prefix above the field's maximum (the
-        prefix itself is readable, so where the field ends is too). Decoding is repeated with
+        """The clean fields after ones whose extent is known but whose content is not: any
+        fixed-length field (a leading pad nibble other than 0, text that does not decode), a
+        trailing pad nibble other than the dialect's, or a length prefix above the field's maximum
+        (the prefix itself is readable, so where the field ends is too). Decoding is repeated with
         each such field relaxed, at most ``_MAX_RELAXED`` of them, so that F11 and F41 after a
         bad F2, F22 or F35 still decode and the request can be answered ``30`` (§12.1 step 1).
         The relaxed fields themselves are never reported."""
@@ -230,7 +231,13 @@ class Codec:
         if key not in self._spec or not key.isdigit():
             return None
         fs = dict(self._spec[key])
-        if "larger than maximum" in exc.msg and fs["len_type"]:
+        if not fs["len_type"]:
+            # a fixed-length field ends where its length says, whatever it holds (a leading pad
+            # nibble other than 0, text that does not decode): read it as that many raw bytes
+            width = int(fs["max_len"])
+            nbytes = (width + 1) // 2 if fs.get("len_count") == "nibbles" else width
+            return {"data_enc": "b", "len_enc": "b", "len_type": 0, "max_len": nbytes}
+        if "larger than maximum" in exc.msg:
             digits = 2 * fs["len_type"] if fs["len_enc"] == "bcd" else fs["len_type"]
             fs["max_len"] = 10**digits - 1
             return fs

@@ -78,9 +78,12 @@ def read_request(codec: Codec, frame: Frame) -> Request | Malformed:
         if isinstance(partial.get(11), str) and isinstance(partial.get(41), str):
             return Malformed(f"decode:{exc.field}", False, frame, mti, partial)
         return Malformed(f"decode:{exc.field}", True, frame, mti, partial)
-    bad = _bad_clear_track(fields)
+    f60 = fields.get(60)
+    bad = 60 if not isinstance(f60, str) or len(f60) < 11 else _bad_clear_track(fields)
+    # §5: field 60 (mandatory in every request, §6.1) has at least 11 digits, and 60.1 / 60.3 are
+    # part of every §6 key: without them the request cannot even be classified, a format error
     if bad is not None:
-        partial = {k: v for k, v in fields.items() if k != bad}
+        partial = {k: v for k, v in fields.items() if k != bad or k == 60}  # a short F60 is echoed
         answerable = isinstance(partial.get(11), str) and isinstance(partial.get(41), str)
         return Malformed(f"decode:{bad}", not answerable, frame, mti, partial)
     return Request(frame, mti, fields)

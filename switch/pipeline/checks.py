@@ -286,18 +286,21 @@ def check_card_and_route(state: SwitchState, ctx: Context) -> None:
         if ctx.issuer is None:
             ctx.decline(ResultCode.NO_ROUTE, "no wallet for this payment code")
         return
+    transfer = txn.name == "transfer"
+    dest = str(ctx.request.fields.get(48, "")) if transfer else ""
+    # step 8 is "Luhn -> 14; route -> 15": both cards of a transfer pass Luhn before either is routed
     if not luhn_ok(ctx.pan):
         ctx.decline(ResultCode.INVALID_CARD, "card number fails Luhn")
+        return
+    if transfer and not luhn_ok(dest):
+        ctx.decline(ResultCode.INVALID_CARD, "destination card fails Luhn")
         return
     ctx.issuer = state.routes.route(ctx.pan)
     if ctx.issuer is None:
         ctx.decline(ResultCode.NO_ROUTE, "no route for BIN")
         return
-    if txn.name == "transfer":
-        dest = str(ctx.request.fields.get(48, ""))
-        if not luhn_ok(dest):
-            ctx.decline(ResultCode.INVALID_CARD, "destination card fails Luhn")
-        elif state.routes.route(dest) is None:
+    if transfer:
+        if state.routes.route(dest) is None:
             ctx.decline(ResultCode.NO_ROUTE, "no route for the destination card")
         elif dest == ctx.pan:
             ctx.decline(ResultCode.INVALID_STATE, "destination is the source card")

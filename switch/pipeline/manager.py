@@ -194,16 +194,16 @@ class TransactionManager:
         mti = req.mti
         out: Fields = {39: rc.value}
         txn_name = ctx.txn.name if ctx.txn else None
-        if txn_name == "activation":  # §6.1: 11, 39, 60; on 00 also the real 41/42, 62, 63
-            out.update({k: f[k] for k in (11, 60) if k in f})
-            if rc is ResultCode.APPROVED:
-                out.update({k: ctx.resp[k] for k in (41, 42, 62, 63)})
-            return out
         echoed = echo(f)
         if txn_name in checks.NO_AMOUNT:
             echoed.pop(4, None)  # §6.1: a field not listed for the type (F4 of a balance inquiry) is never echoed
         if rc is ResultCode.FORMAT_ERROR:  # §6.1: a 30 carries 11, 39, 41 and what it echoes, any MTI
             out.update(echoed)
+            return out
+        if txn_name == "activation":  # §6.1: 11, 39, 60; on 00 also the real 41/42, 62, 63
+            out.update({k: f[k] for k in (11, 60) if k in f})
+            if rc is ResultCode.APPROVED:
+                out.update({k: ctx.resp[k] for k in (41, 42, 62, 63)})
             return out
         if mti in ("0800", "0820"):
             for k in (11, 41, 42, 60):

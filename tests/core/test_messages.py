@@ -211,6 +211,45 @@ def test_a_bad_pad_or_length_before_f41_is_read_past_and_answered(changes: tuple
     assert bad_req.partial == {k: v for k, v in full.items() if k not in bad}
 
 
+def test_fixed_length_text_that_does_not_decode_is_read_past() -> None:
+    """A fixed-length field's extent is its length whatever it holds: F42 of bytes that are not
+    GBK text is left out and the request is still answered 30 (§12.1 step 1)."""
+    body = bytearray(CONSUME_FRAME.body)
+    body[F42_AT:F42_AT + 15] = b"\xff" * 15
+    bad = read_request(CODEC, with_body(bytes(body)))
+    assert isinstance(bad, Malformed) and not bad.close
+    full = typed(CONSUME["fields"])
+    assert bad.partial == {k: v for k, v in full.items() if k != 42}
+
+
+def test_ans_text_that_is_not_ascii_is_gbk() -> None:
+    """§3: ans text that is not ASCII is GBK, F41 and F42 too (ans8 / ans15: bytes)."""
+    body = bytearray(CONSUME_FRAME.body)
+    body[F41_AT:F41_AT + 8] = "终端号码".encode("gbk")
+    body[F42_AT:F42_AT + 15] = "商户号".encode("gbk") + b" " * 9
+    req = read_request(CODEC, with_body(bytes(body)))
+    assert isinstance(req, Request)
+    assert req.tid == "终端号码" and req.mid == "商户号" + " " * 9
+
+
+@pytest.mark.parametrize("f60", ["22000001", "", "2200000100"], ids=["8-digits", "empty", "10-digits"])
+def test_field_60_shorter_than_11_digits_is_answered_30(f60: str) -> None:
+    """§5: F60 has at least 11 digits (60.1 and 60.3 are key parts, §6): a shorter one is a format
+    error, answered 30 with it echoed as received."""
+    fields = typed(CONSUME["fields"])
+    fields[60] = f60
+    body = CODEC.encode("0200", dict(sorted(fields.items())))
+    bad = read_request(CODEC, with_body(body))
+    assert isinstance(bad, Malformed) and not bad.close and bad.reason == "decode:60"
+    assert bad.partial[60] == f60 and bad.partial[41] == "10000001"
+
+
+def test_missing_field_60_is_answered_30() -> None:
+    fields = {k: v for k, v in typed(CONSUME["fields"]).items() if k != 60}
+    bad = read_request(CODEC, with_body(CODEC.encode("0200", dict(sorted(fields.items())))))
+    assert isinstance(bad, Malformed) and not bad.close and 60 not in bad.partial
+
+
 @pytest.mark.parametrize("ll", [0x3A, 0xFF], ids=["non-bcd-length", "non-bcd-length-ff"])
 def test_an_unreadable_length_before_f41_still_closes(ll: int) -> None:
     bad_req = read_request(CODEC, mutated((F35_LEN, ll)))
