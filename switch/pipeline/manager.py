@@ -178,6 +178,10 @@ class TransactionManager:
     # ---- responses (§6.1) ---------------------------------------------------------------
     def _digit6(self, ctx: Context) -> int:
         t = ctx.terminal
+        if t is None and ctx.rc is ResultCode.FORMAT_ERROR:
+            # a 30 follows the terminal its F41 names, whatever the type (decisions.md): an
+            # activation's too, although the activation itself finds its terminal by the code
+            t = self.state.terminals.get(ctx.request.tid)
         if t is None:
             return 0
         if not t.signed_on:

@@ -110,3 +110,16 @@ async def test_activation_code_that_is_not_8_digits_is_97(demo: DemoSwitch) -> N
                                             60: "00000001351", 62: code + key}, mac=False, oneshot=True)
         assert (r.mti, r.code) == ("0810", "97")
         assert set(r.fields) == {11, 39, 60}
+
+
+async def test_activation_30_layout_and_digit6_follow_f41(demo: DemoSwitch) -> None:
+    """§6.1: a 30 carries 11, 39, 41 and the echo list; §2 digit 6 of a 30 is that of the terminal
+    F41 names (decisions.md): 3 for 20000002 (no keys yet), 0 for spaces (no terminal)."""
+    for stan, tid, mid, digit6 in ((960001, "20000002", "898310058120002", 3), (960002, " " * 8, " " * 15, 0)):
+        term = TerminalClient("127.0.0.1", demo.port, tid, mid, bytes(16))
+        term.next_stan = stan  # without F62 both would share one duplicate key (§11): not the point here
+        r = await term.send_fields("0800", {11: term.take_stan(), 41: tid, 42: mid, 60: "00000001351"},
+                                   mac=False, oneshot=True)  # no F62
+        assert (r.mti, r.code) == ("0810", "30")
+        assert set(r.fields) == {11, 39, 41, 42, 60} and r.fields[41] == tid
+        assert r.header_digit6 == digit6
