@@ -3,7 +3,9 @@ framer, hands each frame to the transaction manager, writes responses as soon as
 ready (several in flight per connection, answered in any order).
 
 Timeouts: a connection with no partial frame is closed after ``idle_timeout``; one stalled
-mid-frame after ``read_timeout``; a LEN above ``max_frame`` closes at once. Every close is
+mid-frame (no byte for ``read_timeout``) is closed, and so is a frame still incomplete after
+``max(idle_timeout, read_timeout)`` however it trickles in (a slowloris holds a connection no
+longer than an idle terminal does); a LEN above ``max_frame`` closes at once. Every close is
 logged and counted by reason. Graceful shutdown: stop accepting, stop reading, let in-flight
 requests finish and send their answers (bounded by ``drain_timeout``).
 
@@ -136,6 +138,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.timer_at = 0.0
         self.frame_deadline = 0.0
+        self.frame_started = 0.0
         self.drain_timer: asyncio.TimerHandle | None = None
         self.write_ready: asyncio.Future[None] | None = None  # set while the peer is not reading
 
@@ -159,10 +162,8 @@ class _Connection(asyncio.Protocol):
         was_mid_frame = reader.mid_frame
         reader.receive_data(data)
         completed = self._dispatch()
-        if self.reading and reader.mid_frame and (completed or not was_mid_frame):
-            # read_timeout runs from the first byte of a frame, not from the last chunk: a client
-            # trickling a byte at a time is closed all the same (slowloris)
-            self.frame_deadline = self.loop.time() + self.settings.read_timeout
+        if self.reading and reader.mid_frame:
+            self._frame_progress(new_frame=completed or not was_mid_frame)
         if self.reading:
             self._arm_idle()
 
@@ -245,10 +246,20 @@ class _Connection(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.resume_reading()
                 if completed and self.reader.mid_frame:
-                    self.frame_deadline = self.loop.time() + self.settings.read_timeout
+                    self._frame_progress(new_frame=True)
                 self._arm_idle()
 
     # ---- timeouts ------------------------------------------------------------------------
+    def _frame_progress(self, *, new_frame: bool) -> None:
+        """Bytes of an incomplete frame arrived: §1 closes a connection that *stalls* mid-frame
+        for ``read_timeout``, so the read timeout runs from the last byte; a frame that started
+        more than ``max(idle_timeout, read_timeout)`` ago is closed however it trickles in."""
+        s = self.settings
+        now = self.loop.time()
+        if new_frame:
+            self.frame_started = now
+        self.frame_deadline = min(now + s.read_timeout, self.frame_started + max(s.idle_timeout, s.read_timeout))
+
     def _arm_idle(self) -> None:
         """Move the connection's one timer to its next deadline (idle or read timeout)."""
         s = self.settings

@@ -176,18 +176,48 @@ async def test_slowloris_is_closed_by_the_read_timeout_while_a_terminal_is_serve
         assert await wait_until(lambda: open_connections(running) == 0, EOF_BOUND)
 
 
-async def test_slowloris_trickling_faster_than_the_read_timeout_is_closed(tmp_path: Path) -> None:
-    read_timeout = 1.0
-    async with flood_switch(tmp_path, max_connections=50, idle_timeout=30.0, read_timeout=read_timeout) as running:
+async def test_slowloris_trickling_faster_than_the_read_timeout_is_closed_like_an_idle_one(
+    tmp_path: Path,
+) -> None:
+    """No gap reaches read_timeout, so the frame never stalls (§1); a frame still incomplete after
+    idle_timeout is closed all the same: a slowloris holds a slot no longer than an idle terminal."""
+    read_timeout, idle_timeout = 1.0, 2.0
+    async with flood_switch(tmp_path, max_connections=50, idle_timeout=idle_timeout,
+                            read_timeout=read_timeout) as running:
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             [peer] = await open_peers(stack, tg, 1, running.port)
-            # up to 12 bytes, one every read_timeout / 2: by the last one the frame has been
-            # incomplete for 6 x read_timeout, so the switch must have closed it long before
-            await trickle(peer, read_timeout / 2, 12)
-            trickled_to_the_end = peer.sent == 12 and not peer.eof.is_set()
+            # up to 16 bytes, one every read_timeout / 2: by the last one the frame has been
+            # incomplete for 4 x idle_timeout, so the switch must have closed it long before
+            await trickle(peer, read_timeout / 2, 16)
+            trickled_to_the_end = peer.sent == 16 and not peer.eof.is_set()
             tg.cancel_scope.cancel()
         assert not trickled_to_the_end
         assert closed(running, "read_timeout") == 1
+
+
+async def test_a_frame_arriving_in_pieces_slower_than_the_read_timeout_in_total_is_answered(
+    tmp_path: Path,
+) -> None:
+    """§1: only a stall (no byte for read_timeout) closes; a frame sent in four pieces, each gap
+    half the read timeout and the whole 1.5 x it, is answered."""
+    read_timeout = 2.0
+    async with flood_switch(tmp_path, max_connections=50, idle_timeout=30.0, read_timeout=read_timeout) as running:
+        term = terminal_client(HOST, running.port, "20000001", 970001)
+        frame, _ = term.build_frame("0820", {11: term.take_stan(), 41: term.tid, 42: term.mid,
+                                             60: "00000001301"}, mac=False)
+        async with await anyio.connect_tcp(HOST, running.port) as stream:
+            cut = len(frame) // 4
+            pieces = [frame[:cut], frame[cut:2 * cut], frame[2 * cut:3 * cut], frame[3 * cut:]]
+            for i, piece in enumerate(pieces):
+                if i:
+                    await anyio.sleep(read_timeout / 2)
+                await stream.send(piece)
+            answer = b""
+            with anyio.fail_after(EOF_BOUND):
+                while len(answer) < 15:
+                    answer += await stream.receive()
+        assert answer[13:15] == bytes.fromhex("0830")  # LEN 2 + TPDU 5 + header 6, then the MTI
+        assert closed(running, "read_timeout") == 0
 
 
 # ---- idle and half-open ---------------------------------------------------------------------
