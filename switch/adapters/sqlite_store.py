@@ -332,6 +332,7 @@ class SqliteStore:
         self.metrics: Metrics = metrics or NullMetrics()
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._loop_writer: sqlite3.Connection | None = None  # see _hand_off
         self._commit_lock = threading.Lock()
         self._probe_ok = True
         self._init_writer()
@@ -352,6 +353,12 @@ class SqliteStore:
         reader.row_factory = sqlite3.Row
         reader.execute("PRAGMA query_only=ON")
         self._reader = reader
+        # the event loop's own write connection (group commits started on the loop, see
+        # _hand_off): no busy timeout, so a write lock held elsewhere never blocks the loop
+        loop_writer = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        loop_writer.execute("PRAGMA synchronous=FULL")
+        loop_writer.execute("PRAGMA foreign_keys=ON")
+        self._loop_writer = loop_writer
         self._check_master_key()
         self._pan_key = self._load_pan_token_key()
 
@@ -368,6 +375,9 @@ class SqliteStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._loop_writer is not None:
+            self._loop_writer.close()
+            self._loop_writer = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -656,7 +666,7 @@ class SqliteStore:
         connection or the database's write lock is not free at once (a short transaction on
         another thread, a back-office command writing), the whole transaction runs on the
         commit thread as before: the event loop never waits for a lock."""
-        db = self._db
+        db = self._loop_writer
         if db is None:  # closed under queued writes: they fail, they do not hang
             for p in batch:
                 p.error = StoreError("store is not open")
@@ -667,11 +677,9 @@ class SqliteStore:
             return
         t0 = time.perf_counter()
         try:
-            db.execute("PRAGMA busy_timeout = 0")
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            finally:
-                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # this connection has no busy timeout (set at open, not toggled by a PRAGMA pair
+            # around each BEGIN: that cost two statements and re-prepares per batch)
+            db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:  # another connection writes: wait for it on the thread
             self._commit_lock.release()
             self._commit_on_thread(batch, committer)
@@ -686,20 +694,22 @@ class SqliteStore:
             committer.submit(functools.partial(self._one_by_one_and_release, batch, exc, t0),
                              functools.partial(self._committed, batch))
             return
-        committer.submit(functools.partial(self._commit_and_release, batch, t0), functools.partial(self._committed, batch))
+        committer.submit(functools.partial(self._commit_and_release, db, batch, t0),
+                         functools.partial(self._committed, batch))
 
     def _commit_on_thread(self, batch: list[_Pending], committer: Committer) -> None:
         """The whole transaction of ``batch`` (BEGIN to COMMIT) on the commit thread."""
         committer.submit(functools.partial(self._commit, batch), functools.partial(self._committed, batch))
 
-    def _commit_and_release(self, batch: list[_Pending], t0: float) -> None:
-        """(commit thread) COMMIT what ``_hand_off`` wrote, then release the connection."""
-        db = self.db
+    def _commit_and_release(self, db: sqlite3.Connection, batch: list[_Pending], t0: float) -> None:
+        """(commit thread) COMMIT what ``_hand_off`` wrote on ``db``, then release the lock."""
         try:
             try:
                 db.execute("COMMIT")
             except BaseException as exc:
-                self._recover(db, batch, exc)
+                log.exception("group commit failed; retrying one by one")
+                _rollback(db)
+                self._one_by_one(self.db, batch, exc)  # on the writer: it waits for a busy lock
         finally:
             self._commit_lock.release()
         self.metrics.journal_commit(len(batch), time.perf_counter() - t0)
