@@ -95,6 +95,14 @@ class DemoSwitch:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
 
+    def __enter__(self) -> DemoSwitch:
+        """``with DemoSwitch(tmp_path) as sw:`` a fresh demo switch of its own, killed at the end."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
     def terminal(self, tid: str = "10000001", **kw: object) -> TerminalClient:
         """A terminal client whose trace numbers never repeat those of earlier clients: the switch
         treats a repeated TID + batch + STAN + MTI as a duplicate (§11), as a real terminal's

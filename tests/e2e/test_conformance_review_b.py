@@ -75,12 +75,6 @@ def totals(debit: int, dn: int, credit: int, cn: int, result: str = "0") -> str:
 FOREIGN_OK = "0" * 30 + "1"
 
 
-async def started(tmp_path: Path) -> DemoSwitch:
-    sw = DemoSwitch(tmp_path)
-    sw.start()
-    return sw
-
-
 # ======================================================================================
 # §7 consume void
 # ======================================================================================
@@ -321,8 +315,7 @@ async def _activate(port: int, code: str, stan: str) -> Response:
 
 
 async def test_four_wrong_codes_do_not_lock_and_the_fifth_attempt_activates(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         for i in range(4):
             r = await _activate(sw.port, f"{22222220 + i}", f"{i + 1:06d}")
             assert r.code == "97" and r.mti == "0810"
@@ -336,8 +329,6 @@ async def test_four_wrong_codes_do_not_lock_and_the_fifth_attempt_activates(tmp_
         assert (await _activate(sw.port, "48213579", "000006")).code == "97"
         # sixth attempt after five wrong codes: 75
         assert (await _activate(sw.port, "48213579", "000007")).code == "75"
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
@@ -378,8 +369,7 @@ async def test_parameter_download_exact_tlv(
 # §9.4 settlement, §9.5 upload, §9.6 business day (fresh switch: clean batches)
 # ======================================================================================
 async def test_settlement_layouts_and_rules(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         t = sw.terminal("10000001")
         async with signed_on(t):
             batch0 = t.batch
@@ -440,8 +430,6 @@ async def test_settlement_layouts_and_rules(tmp_path: Path) -> None:
             assert one.code == "00"
             ok = await t.send_fields("0500", settle_fields(t, totals(123, 1, 0, 0)), mac=False)
             assert ok.code == "00" and ok.fields[48] == totals(123, 1, 0, 0, "1")
-    finally:
-        sw.kill()
 
 
 async def test_batch_upload_answers_00_with_its_fields(demo: DemoSwitch) -> None:
@@ -498,24 +486,20 @@ async def test_duplicates_of_management_mtis(demo: DemoSwitch) -> None:
 
 
 async def test_duplicates_of_settlement_and_upload(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         t = sw.terminal("20000001")
         async with signed_on(t):
             up = {11: t.take_stan(), 41: t.tid, 42: t.mid, 48: "0001", 60: f"00{t.batch}207"}
             await _same_and_different(t, "0320", up, {**up, 48: "0002"}, mac=False)
             st = settle_fields(t, totals(0, 0, 0, 0))
             await _same_and_different(t, "0500", st, {**st, 48: totals(1, 1, 0, 0)}, mac=False)
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
 # §13 limits and fees (fresh switch: a clean month)
 # ======================================================================================
 async def test_monthly_limit_refunds_voids_transfers_and_pre_auths(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t1, signed_on(sw.terminal("10000002")) as t2:
             big = await do(t1, "consume", ICBC_CARD, 29_999_000)
             small = await do(t1, "consume", ICBC_CARD, 1_000)
@@ -542,8 +526,6 @@ async def test_monthly_limit_refunds_voids_transfers_and_pre_auths(tmp_path: Pat
         # M2 is separate
         async with signed_on(sw.terminal("20000001")) as t3:
             assert (await do(t3, "consume", CMB_CARD, 100)).code == "00"
-    finally:
-        sw.kill()
 
 
 @pytest.mark.parametrize("amount, fee", [(1_250, 8), (1_249, 7), (1_083, 6), (83, 0), (84, 1)])
@@ -555,12 +537,9 @@ async def test_fee_rounds_half_up(demo: DemoSwitch, amount: int, fee: int) -> No
 
 
 async def test_activation_decline_carries_only_11_39_60(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         r = await _activate(sw.port, "11111111", "000001")
         assert r.code == "97" and sorted(r.fields) == [11, 39, 60]  # §6.1: 41/42 only when 00
-    finally:
-        sw.kill()
 
 
 async def test_a_copy_in_flight_waits_and_gets_the_same_response(demo: DemoSwitch) -> None:
@@ -632,8 +611,7 @@ async def _echo_code_becomes(t: TerminalClient, code: str) -> bool:
 
 
 async def test_main_and_secondary_rules(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         _cli(tmp_path, "terminal", "disable", "20000001")
         assert await _echo_code_becomes(sw.terminal("20000001"), "97")
         r = await _activate(sw.port, "48213579", "000001")
@@ -643,8 +621,6 @@ async def test_main_and_secondary_rules(tmp_path: Path) -> None:
         t2 = sw.terminal("10000002")
         async with t2.connect():
             assert (await t2.echo_test()).code == "97"  # disabling the main disables its secondaries
-    finally:
-        sw.kill()
 
 
 # ======================================================================================

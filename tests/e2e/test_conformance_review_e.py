@@ -52,12 +52,6 @@ STOLEN = "6222023650908004509"
 SHANGHAI = timezone(timedelta(hours=8))
 
 
-async def started(tmp_path: Path) -> DemoSwitch:
-    sw = DemoSwitch(tmp_path)
-    sw.start()
-    return sw
-
-
 def settle_fields(term: TerminalClient, f48: str, batch: str | None = None) -> Fields:
     return {11: term.take_stan(), 41: term.tid, 42: term.mid, 48: f48, 49: "156",
             60: f"00{batch or term.batch}201"}
@@ -80,8 +74,7 @@ def auth_ok(r: Response) -> bool:
 # §14 fixture: every card's balance (F54) on a fresh fixture, and the issuers' behaviour
 # ======================================================================================
 async def test_fixture_balances_and_statuses_by_balance_inquiry(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t:
             expected = {ICBC_CARD: 100_000_000, ICBC_POOR: 10_000, CMB_CARD: 2_000_000, CMB_DEST: 0,
                         CMB_REFUSES_CREDIT: 0}
@@ -98,8 +91,6 @@ async def test_fixture_balances_and_statuses_by_balance_inquiry(tmp_path: Path) 
             mti, f = card_request(t, "balance", CMB_CARD, None, pin="123457")
             r = await send(t, (mti, f))
             assert r.code == "55" and 54 not in r.fields and 38 not in r.fields and 64 not in r.fields
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
@@ -228,8 +219,7 @@ async def test_reversal_0410_names_the_original_issuer(demo: DemoSwitch) -> None
 # §9.4 settlement totals: what counts, per terminal (fresh switch: clean batches)
 # ======================================================================================
 async def test_settlement_counts_per_terminal(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t1, signed_on(sw.terminal("10000002")) as t2:
             sale = await do(t1, "consume", ICBC_CARD, 10_000)
             scan = await send(t1, scan_request(t1, "consume", WECHAT, 2_000))
@@ -262,8 +252,6 @@ async def test_settlement_counts_per_terminal(tmp_path: Path) -> None:
             mti, f = card_request(t1, "consume", ICBC_CARD, 100, pin=PIN[ICBC_CARD])
             f[60] = "22" + b1 + "000"
             assert (await t1.send_fields(mti, f)).code == "77"
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
@@ -283,8 +271,7 @@ def _shift_original(sw: DemoSwitch, rrn: str, days: int) -> str:
 
 
 async def test_refund_age_window_is_30_days(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t:
             old = await do(t, "consume", ICBC_CARD, 1_000)
             edge = await do(t, "consume", ICBC_CARD, 1_001)
@@ -306,31 +293,27 @@ async def test_refund_age_window_is_30_days(tmp_path: Path) -> None:
             mm2 = _shift_original(sw, str(pa2.fields[37]), 30)
             extra2[61] = str(extra2[61])[:12] + mm2
             assert (await do(t, "completion", ICBC_CARD, 2_100, extra=extra2)).code == "00"
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
 # §9.6 business day: a batch from an earlier day must be settled (77); settle, sign on, go on
 # ======================================================================================
 async def test_batch_from_an_earlier_business_day(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    t = sw.terminal("10000001")
-    try:
+    with DemoSwitch(tmp_path) as first:
+        t = first.terminal("10000001")
         async with signed_on(t):
             sale = await do(t, "consume", ICBC_CARD, 1_500)
             assert sale.code == "00"
-        assert sw.stop() == 0
-        yesterday = (datetime.now(SHANGHAI) - timedelta(days=1)).strftime("%Y%m%d")
-        db = sqlite3.connect(tmp_path / "switch.db", timeout=10)
-        try:
-            with db:
-                db.execute("UPDATE terminals SET batch_date = ? WHERE tid = '10000001'", (yesterday,))
-                db.execute("UPDATE journal SET business_date = ? WHERE tid = '10000001'", (yesterday,))
-        finally:
-            db.close()
-        sw = DemoSwitch(tmp_path)
-        sw.start()
+        assert first.stop() == 0
+    yesterday = (datetime.now(SHANGHAI) - timedelta(days=1)).strftime("%Y%m%d")
+    db = sqlite3.connect(tmp_path / "switch.db", timeout=10)
+    try:
+        with db:
+            db.execute("UPDATE terminals SET batch_date = ? WHERE tid = '10000001'", (yesterday,))
+            db.execute("UPDATE journal SET business_date = ? WHERE tid = '10000001'", (yesterday,))
+    finally:
+        db.close()
+    with DemoSwitch(tmp_path) as sw:
         t.port = sw.port
         async with t.connect():
             assert (await do(t, "consume", ICBC_CARD, 100)).code == "77"
@@ -343,16 +326,13 @@ async def test_batch_from_an_earlier_business_day(tmp_path: Path) -> None:
             assert st.code == "00" and st.fields[48] == totals(1_500, 1, 0, 0, "1")
             assert (await t.sign_on("003")).code == "00"
             assert (await do(t, "consume", ICBC_CARD, 100)).code == "00"
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
 # §13 the enterprise limit (M2: 5,000,000.00), shared by its terminals; refunds give no headroom
 # ======================================================================================
 async def test_enterprise_limit_is_exactly_five_million(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("20000001")) as t:
             for _ in range(5):
                 sale = await do(t, "consume", ICBC_CARD, 100_000_000)
@@ -363,8 +343,6 @@ async def test_enterprise_limit_is_exactly_five_million(tmp_path: Path) -> None:
             assert (await do(t, "balance", ICBC_CARD, None)).code == "00"
         async with signed_on(sw.terminal("10000001")) as t1:  # M1 is not affected
             assert (await do(t1, "consume", ICBC_CARD, 1)).code == "00"
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
@@ -375,8 +353,7 @@ async def test_digit6_after_a_parameter_change(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         t1 = sw.terminal("10000001")
         t2 = sw.terminal("10000002")
         for t in (t1, t2):
@@ -404,8 +381,6 @@ async def test_digit6_after_a_parameter_change(tmp_path: Path) -> None:
             assert pd.header_digit6 == 0 and b"07009500000000" in bytes(pd.fields[62])  # type: ignore[arg-type]
         async with t2.connect():
             assert (await t2.echo_test()).header_digit6 == 1  # the secondary too: same merchant
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
@@ -414,8 +389,7 @@ async def test_digit6_after_a_parameter_change(tmp_path: Path) -> None:
 async def test_secondary_20000002_from_activation_to_settlement(tmp_path: Path) -> None:
     from switch.crypto.activation import generate_terminal_key, public_key_der, unwrap_tmk
 
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         key = generate_terminal_key()
         boot = TerminalClient("127.0.0.1", sw.port, " " * 8, " " * 15, bytes(16))
         async with boot.connect():
@@ -446,16 +420,13 @@ async def test_secondary_20000002_from_activation_to_settlement(tmp_path: Path) 
                 assert r.fields[48] == totals(0, 0, 500, 1, "1")
             st = await t.send_fields("0500", settle_fields(t, totals(2_500, 1, 0, 0)), mac=False)
             assert st.code == "00" and st.fields[48] == totals(2_500, 1, 0, 0, "1")
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
 # §9.5 batch upload: up to 8 records per message, then the closing 202
 # ======================================================================================
 async def test_batch_upload_eight_records_after_an_unbalanced_settlement(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t:
             sales = [await do(t, "consume", ICBC_CARD, 100 + i) for i in range(9)]
             assert all(s.code == "00" for s in sales)
@@ -473,8 +444,6 @@ async def test_batch_upload_eight_records_after_an_unbalanced_settlement(tmp_pat
                                                60: f"00{batch}202"}, mac=False)
             assert end.code == "00" and end.mti == "0330"
             assert set(end.fields) == {11, 39, 41, 42, 60}
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
@@ -559,15 +528,12 @@ async def test_concurrent_follow_ups_on_one_original(demo: DemoSwitch) -> None:
 
 
 async def test_two_terminals_race_for_the_last_headroom(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t1, signed_on(sw.terminal("10000002")) as t2:
             assert (await do(t1, "consume", ICBC_CARD, 29_990_000)).code == "00"
             rs = await _all(do(t1, "consume", ICBC_CARD, 6_000), do(t2, "consume", ICBC_CARD, 6_000),
                             send(t2, scan_request(t2, "consume", WECHAT, 6_000)))
             assert sorted(r.code for r in rs) == ["00", "61", "61"]
-    finally:
-        sw.kill()
 
 
 
@@ -575,8 +541,7 @@ async def test_two_terminals_race_for_the_last_headroom(tmp_path: Path) -> None:
 # §9.4 counts above 999 cannot be expressed: the switch answers 30
 # ======================================================================================
 async def test_settlement_of_a_batch_with_1000_debits_is_30(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t:
             codes: list[str] = []
 
@@ -592,16 +557,13 @@ async def test_settlement_of_a_batch_with_1000_debits_is_30(tmp_path: Path) -> N
             assert r.mti == "0510" and r.code == "30"
             # the batch stays open
             assert (await send(t, scan_request(t, "consume", WECHAT, 1))).code == "00"
-    finally:
-        sw.kill()
 
 
 # ======================================================================================
 # §15 logs: no full card number reaches them, on any path (transfer legs, upload, reversal, SAF)
 # ======================================================================================
 async def test_no_full_card_number_in_logs_on_every_path(tmp_path: Path) -> None:
-    sw = await started(tmp_path)
-    try:
+    with DemoSwitch(tmp_path) as sw:
         async with signed_on(sw.terminal("10000001")) as t:
             tr = await do(t, "transfer", CMB_CARD, 100, extra={48: CMB_DEST})
             assert tr.code == "00"
@@ -619,5 +581,3 @@ async def test_no_full_card_number_in_logs_on_every_path(tmp_path: Path) -> None
         text = sw.log_text()
         for pan in (CMB_CARD, CMB_DEST, CMB_REFUSES_CREDIT, "6216611771534246833", "6228489187204683748"):
             assert pan not in text, pan[:6] + "..." + pan[-4:]
-    finally:
-        sw.kill()
