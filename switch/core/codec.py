@@ -37,7 +37,7 @@ _Z_DIGITS = frozenset("0123456789ABCDEF=")
 # field kinds, compiled from "fmt" per dialect field
 _TEXT, _N, _B, _Z, _Z_ASCII = range(5)
 _KIND = {"an": _TEXT, "ans": _TEXT, "n": _N, "b": _B, "z": _Z}
-_MAX_RELAXED = 4  # fields with a bad pad nibble or length read past, per message
+_MAX_RELAXED = 4  # fields read past per message (fixed-length content, a bad pad nibble or length)
 
 
 class SpecError(ValueError):

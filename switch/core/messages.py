@@ -83,7 +83,8 @@ def read_request(codec: Codec, frame: Frame) -> Request | Malformed:
     # §5: field 60 (mandatory in every request, §6.1) has at least 11 digits, and 60.1 / 60.3 are
     # part of every §6 key: without them the request cannot even be classified, a format error
     if bad is not None:
-        partial = {k: v for k, v in fields.items() if k != bad or k == 60}  # a short F60 is echoed
+        # the bad field is left out of the echo, except a short F60: it is echoed as received
+        partial = fields if bad == 60 else {k: v for k, v in fields.items() if k != bad}
         answerable = isinstance(partial.get(11), str) and isinstance(partial.get(41), str)
         return Malformed(f"decode:{bad}", not answerable, frame, mti, partial)
     return Request(frame, mti, fields)

@@ -14,6 +14,7 @@ import pytest
 from switch.core.codec import Fields
 from switch.crypto.des import des_ecb_encrypt
 from switch.crypto.working_keys import parse_f62
+from switch.domain.cards import luhn_ok
 from switch.pos.client import Response, TerminalClient
 
 from .conftest import DemoSwitch
@@ -35,6 +36,7 @@ def _luhn_complete(prefix: str) -> str:
 
 
 SHORT_PAN = _luhn_complete("62220212345")  # 12 digits, ICBC BIN, unknown to the issuer (14)
+assert luhn_ok(SHORT_PAN)  # so a 14 below is the issuer's, not the switch's Luhn check
 
 
 def _pin_block(pik: bytes, pin_field_hex: str, pan: str) -> bytes:
@@ -256,14 +258,16 @@ async def test_refund_copies_at_once_get_one_answer(demo: DemoSwitch) -> None:
 
 async def test_swiped_pan_of_11_digits_with_pin_reaches_the_issuer(demo: DemoSwitch) -> None:
     pan = _luhn_complete("6222021111")  # 11 digits, ICBC BIN, unknown to the issuer
+    assert luhn_ok(pan)
     term = demo.terminal("10000002")
     async with term.connect():
         assert (await term.sign_on("003")).code == "00"
         assert term.keys is not None
         manual = await term.send_fields("0200", _manual(term, pan, 22, _pin_block(
             term.keys.pik, _pin_field("123456"), pan)))
-        assert manual.code == "14"  # the PIN block decodes; the issuer does not know the card
+        # the PIN block decodes and the card is routed (F44 names ICBC): the issuer answers 14
+        assert manual.code == "14" and str(manual.fields.get(44, ""))[:4] == "ICBC"
         f = term.card_fields(processing_code="000000", type_code="22", card=pan, amount_fen=22,
                              pin="123456", expiry="3012")
         swipe = await term.send_fields("0200", f)
-        assert swipe.code == "14" and swipe.fields.get(2) == pan
+        assert swipe.code == "14" and swipe.fields.get(2) == pan and str(swipe.fields.get(44, ""))[:4] == "ICBC"
