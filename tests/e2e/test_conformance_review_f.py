@@ -18,24 +18,14 @@ from switch.domain.cards import luhn_ok
 from switch.pos.client import Response, TerminalClient
 
 from .conftest import DemoSwitch
-from .helpers import CMB_CARD, ICBC_CARD, card_request, do, metric, reversal_of, wait_until
+from .helpers import CMB_CARD, ICBC_CARD, card_request, do, luhn_complete, metric, reversal_of, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 SLOW_CARD = "6228489187204683748"  # §14: accepts, never answers (98 after the 2 s issuer timeout)
 
 
-def _luhn_complete(prefix: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(prefix)):
-        d = int(ch)
-        if i % 2 == 0:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return prefix + str((10 - total % 10) % 10)
-
-
-SHORT_PAN = _luhn_complete("62220212345")  # 12 digits, ICBC BIN, unknown to the issuer (14)
+SHORT_PAN = luhn_complete("62220212345")  # 12 digits, ICBC BIN, unknown to the issuer (14)
 assert luhn_ok(SHORT_PAN)  # so a 14 below is the issuer's, not the switch's Luhn check
 
 
@@ -257,7 +247,7 @@ async def test_refund_copies_at_once_get_one_answer(demo: DemoSwitch) -> None:
 
 
 async def test_swiped_pan_of_11_digits_with_pin_reaches_the_issuer(demo: DemoSwitch) -> None:
-    pan = _luhn_complete("6222021111")  # 11 digits, ICBC BIN, unknown to the issuer
+    pan = luhn_complete("6222021111")  # 11 digits, ICBC BIN, unknown to the issuer
     assert luhn_ok(pan)
     term = demo.terminal("10000002")
     async with term.connect():
