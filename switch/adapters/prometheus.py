@@ -142,9 +142,11 @@ class PrometheusMetrics:
       their request had timed out (or matched no request in flight).
     - ``switch_connections_open``, gauge, no labels: terminal connections currently open.
     - ``switch_connections_closed_total``, counter, ``reason``: terminal connections closed, by
-      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``frame_too_large``, ``bad_bitmap``,
-      ``bad_mti``, ``shutdown``, ...).
-    - ``switch_malformed_frames_total``, counter, ``reason``: frames that could not be decoded.
+      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``frame_too_large``, ``protocol``: a
+      frame closed at §12.1 step 1, ``shutdown``, ...).
+    - ``switch_malformed_frames_total``, counter, ``reason``: frames that could not be decoded
+      (``secondary_bitmap``, ``bad_mti``, ``short_body``, ``decode:<field>``, ...), closed or
+      answered ``30``.
     - ``switch_mac_failures_total``, counter, no labels: requests whose MAC (F64) did not verify.
     - ``switch_journal_commit_seconds``, histogram, no labels: time of one journal commit.
     - ``switch_journal_commit_batch_size``, histogram, no labels: journal rows per commit.

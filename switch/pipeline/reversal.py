@@ -2,7 +2,7 @@
 STAN whose type has the 0400's F3/F25/60.1. The switch reverses it at the issuer and answers
 ``00``; an original that was declined, already reversed, or reversed by the switch after a
 timeout also gets ``00`` with nothing more to do; an original still at the issuer is reversed
-as soon as the issuer answers. Not found ``25``, non-reversible ``12``, another amount ``64``.
+as soon as the issuer answers. Not found ``25``, non-reversible ``12``, another amount or none ``64``.
 Reversals are accepted until the end of the original's business day, after settlement too;
 later ones get ``12`` (specs/decisions.md).
 
@@ -43,8 +43,10 @@ async def reversal(state: SwitchState, ctx: Context) -> None:
     if not orig.reversible:
         ctx.decline(ResultCode.INVALID_STATE, f"a {orig.name} cannot be reversed")
         return
-    if ctx.amount_fen is not None and row["amount_fen"] is not None and ctx.amount_fen != row["amount_fen"]:
-        ctx.decline(ResultCode.MISMATCH, "amount differs from the original")
+    if row["amount_fen"] is not None and ctx.amount_fen != row["amount_fen"]:
+        # §11: the 0400 repeats the original's F4; one without it does not repeat an original
+        # that carried one, so it reverses nothing (specs/decisions.md)
+        ctx.decline(ResultCode.MISMATCH, "F4 missing or not the original's amount")
         return
     row = await originals.hold(state, ctx, row)
     ctx.issuer = row["issuer"]

@@ -28,11 +28,14 @@ from .helpers import (
     ICBC_CARD,
     ICBC_POOR,
     NO_ROUTE_CARD,
+    PIN,
     WECHAT_CODE,
     available,
+    card_request,
     do,
     original_ref,
     pre_auth_extra,
+    reversal_of,
     reverse,
     scan_request,
     send,
@@ -381,6 +384,41 @@ async def test_reversal_declines_25_64_12(demo: DemoSwitch) -> None:
         assert balance.code == "00"
         assert (await reverse(term, balance)).code == "12"  # not reversible
         assert await available(term, ICBC_CARD) == before - 2_200
+
+
+async def test_reversal_without_f4_is_64_and_reverses_nothing(demo: DemoSwitch) -> None:
+    """§11: the 0400 repeats the original's F4; one that leaves it out does not name that
+    transaction (the amount "differs"): 64, approved or declined original alike, nothing moves."""
+    async with signed_on(demo.terminal()) as term:
+        before = await available(term, ICBC_CARD)
+        consume = await do(term, "consume", ICBC_CARD, 2_300)
+        declined = await do(term, "consume", ICBC_POOR, 10_000_00)
+        assert (consume.code, declined.code) == ("00", "51")
+        for original in (consume, declined):
+            no_amount = reversal_of(term, original.request_fields)
+            del no_amount[4]
+            r = await term.send_fields("0400", no_amount)
+            assert (r.mti, r.code) == ("0410", "64") and 64 not in r.fields and 4 not in r.fields
+        assert await available(term, ICBC_CARD) == before - 2_300
+    assert journal_row(demo, consume)["state"] == "approved"
+
+
+async def test_reversal_of_a_request_answered_before_step_5_finds_no_original(demo: DemoSwitch) -> None:
+    """A request answered at steps 1-4 (here A0, and a 30 at decoding) is not registered for
+    duplicates and is no original for a 0400 (25, final for the terminal); one declined from step
+    5 on (a 30 for a missing mandatory field at step 7) is a declined original (00)."""
+    async with signed_on(demo.terminal()) as term:
+        mti, bad_mac = card_request(term, "consume", ICBC_CARD, 2_400, pin=PIN[ICBC_CARD])
+        bad_mac[64] = b"\x11" * 8
+        assert (await term.send_fields(mti, bad_mac, mac=False)).code == "A0"
+        assert (await term.send_fields("0400", reversal_of(term, bad_mac))).code == "25"
+        corrected = dict(bad_mac)
+        del corrected[64]
+        assert (await term.send_fields(mti, corrected)).code == "00"  # processed, not a 94
+        mti, no_f22 = card_request(term, "consume", ICBC_CARD, 2_401, pin=None)
+        del no_f22[22]
+        assert (await term.send_fields(mti, no_f22)).code == "30"
+        assert (await term.send_fields("0400", reversal_of(term, no_f22))).code == "00"
 
 
 async def test_reversal_of_a_void_debits_again_and_the_consume_is_voidable_again(demo: DemoSwitch) -> None:
