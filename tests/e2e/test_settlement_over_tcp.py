@@ -45,3 +45,27 @@ async def test_end_of_day(tmp_path: Path) -> None:
             assert wrong.code == "00" and str(wrong.fields[48])[:31] == "000000000700001000000000000000" + "2"
     finally:
         sw.kill()
+
+
+async def test_format_errors_come_before_the_batch_lookup(demo: DemoSwitch) -> None:
+    """specs/decisions.md: a 0500 with a bad F48 (step 7, 30) for a batch that is neither open nor
+    settled (step 9, 25) is 30; the same for a well-formed F48 is 25. A 0320/201 whose record count
+    is not 1-8, or whose F48 is shorter than its records, is 30."""
+    term = demo.terminal("10000002")
+    async with term.connect():
+        assert (await term.sign_on("003")).code == "00"
+        other = f"{(int(term.batch) + 5) % 1_000_000:06d}"
+        short = settlement(term, 0, 0, 0, 0)
+        short[48] = str(short[48])[:-1]
+        short[60] = f"00{other}201"
+        assert (await term.send_fields("0500", short, mac=False)).code == "30"
+        elsewhere = settlement(term, 0, 0, 0, 0)
+        elsewhere[60] = f"00{other}201"
+        assert (await term.send_fields("0500", elsewhere, mac=False)).code == "25"
+        record = "00" + "000001" + "6214834474520070".rjust(20, "0") + f"{100:012d}"
+        for f48 in ("00", "09" + record * 8, "02" + record):
+            upload = {11: term.take_stan(), 41: term.tid, 42: term.mid, 48: f48, 60: f"00{term.batch}201"}
+            r = await term.send_fields("0320", upload, mac=False)
+            assert (r.mti, r.code) == ("0330", "30"), f48[:2]
+        ok = {11: term.take_stan(), 41: term.tid, 42: term.mid, 48: "01" + record, 60: f"00{term.batch}201"}
+        assert (await term.send_fields("0320", ok, mac=False)).code == "00"

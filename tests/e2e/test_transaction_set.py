@@ -260,6 +260,7 @@ async def test_transfer_moves_money_between_issuers(demo: DemoSwitch) -> None:
         src, dst = await available(term, ICBC_CARD), await available(term, CMB_DEST)
         r = await do(term, "transfer", ICBC_CARD, 5_000, extra={48: CMB_DEST})
         assert_approved_with_auth(r, "0210")
+        assert str(r.fields[44])[:11] == "ICBC".ljust(11)  # the source's issuer: routed there (decisions)
         assert await available(term, ICBC_CARD) == src - 5_000
         assert await available(term, CMB_DEST) == dst + 5_000
 
