@@ -64,6 +64,17 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f" (1/{1 / h['cpu_ratio'] if h.get('cpu_ratio') else 0:.1f}).",
         "",
     ]
+    load = h.get("open80_cpu") or {}
+    if load.get("echo_p99_ms") is not None and load["switch_closed_cpu_us"] and load["echo_closed_cpu_us"]:
+        lines += [
+            f"Below saturation: at {h['open_rate']:.0f}/s a request costs the switch {load['switch_cpu_us']:.0f} µs"
+            f" of CPU, {load['switch_cpu_us'] / load['switch_closed_cpu_us']:.2f} × its closed loop's; the codec"
+            f" echo at the same rate {load['echo_cpu_us']:.0f} µs, {load['echo_cpu_us'] / load['echo_closed_cpu_us']:.2f}"
+            f" × its closed loop's (p99 {load['echo_p99_ms']:.2f} ms). A server that is not saturated handles"
+            " each request on its own wake-up, so \"80 % of the closed loop's rate\" needs more than 80 % of"
+            " the closed loop's CPU.",
+            "",
+        ]
     soak = results.get("soak")
     if soak:
         lines += [

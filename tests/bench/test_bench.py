@@ -216,3 +216,29 @@ def test_the_headline_ratio_pools_the_alternating_rounds() -> None:
                              "headline": h})
     assert "= 0.200 × codec-echo (7500 TPS) (pooled over 2 alternating rounds" in text
     assert "gave 0.050)" in text
+    assert not any(line.startswith("Below saturation") for line in text.splitlines())  # no echo at 80 %
+
+
+def test_the_summary_compares_cpu_per_request_below_saturation_with_the_closed_loop() -> None:
+    from bench.report import summary_markdown
+    from bench.run import headline
+
+    phases = [
+        _phase("plain-echo-closed", "plain-echo", 30_000, 10.0, 10.0),
+        _phase("codec-echo-closed", "codec-echo", 100_000, 10.0, 100.0),
+        _phase("switch-closed", "switch", 10_000, 10.0, 1_000.0),
+        _phase("switch-open-80", "switch", 8_000, 10.0, 1_300.0, rate=800.0),
+        _phase("codec-echo-open-80", "codec-echo", 8_000, 10.0, 250.0, rate=800.0),
+    ]
+    phases[-1]["result"]["latency_us"]["p99"] = 1_500
+    h = headline(phases)
+    assert h["open80_cpu"] == {"switch_cpu_us": 1_300.0, "switch_closed_cpu_us": 1_000.0, "echo_cpu_us": 250.0,
+                               "echo_closed_cpu_us": 100.0, "echo_p99_ms": 1.5}
+    assert h["p99_ms"] == 7.0  # the headline p99 stays the switch's
+    text = summary_markdown({"started": "T", "command": "c", "terminals": 1, "host": "h", "phases": [],
+                             "headline": h})
+    below = [line for line in text.splitlines() if line.startswith("Below saturation")]
+    assert len(below) == 1
+    assert below[0].startswith("Below saturation: at 800/s a request costs the switch 1300 µs of CPU, 1.30 ×"
+                               " its closed loop's; the codec echo at the same rate 250 µs, 2.50 × its closed"
+                               " loop's (p99 1.50 ms).")
