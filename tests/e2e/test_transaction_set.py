@@ -354,6 +354,8 @@ async def test_reversal_of_an_approved_consume_and_its_repeat(demo: DemoSwitch) 
         assert consume.code == "00"
         rev = await reverse(term, consume)
         assert rev.mti == "0410" and rev.code == "00" and rev.mac_ok is True
+        assert 35 in consume.request_fields and 2 in consume.fields  # a swipe: its 0210 names the PAN
+        assert 2 not in rev.fields  # its 0400 carries neither F2 nor a track, so the 0410 has no F2
         assert await available(term, ICBC_CARD) == before
         # a terminal repeats the same 0400 (same TID, batch, STAN: same bytes): 00, nothing more
         again = await reverse(term, consume)
