@@ -3,6 +3,8 @@ rule (§9.6), through TransactionManager.handle with in-memory issuer links."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone, tzinfo
+
 import anyio
 import pytest
 
@@ -65,6 +67,36 @@ async def test_limit_refuses_the_request_that_would_exceed_it_and_voids_give_hea
     assert (await consume(harness, t, 5_000)).code == "00"
     rows = [r for r in harness.journal() if r["txn"] == "consume"]
     assert [r["response_code"] for r in rows] == ["00", "61", "00", "61", "00"]
+
+
+async def test_the_limit_starts_again_at_the_shanghai_month_boundary(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§13: the limit covers a calendar month in Asia/Shanghai (UTC+8): 2026-01-31 15:59 UTC is
+    still January there, 16:01 UTC is February and the headroom is whole again, once January's
+    batch is settled (§9.6)."""
+    import switch.pipeline.manager as manager
+
+    clock = {"utc": datetime(2026, 1, 31, 15, 59, tzinfo=timezone.utc)}
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+            return clock["utc"].astimezone(tz) if tz is not None else clock["utc"].replace(tzinfo=None)
+
+    monkeypatch.setattr(manager, "datetime", Clock)
+    harness.state.merchants[M1].monthly_limit_fen = 10_000
+    t = await harness.ready()
+    january = await consume(harness, t, 10_000)
+    assert (january.code, january.fields[13]) == ("00", "0131")
+    assert (await consume(harness, t, 1)).code == "61"
+    clock["utc"] = datetime(2026, 1, 31, 16, 1, tzinfo=timezone.utc)  # 2026-02-01 00:01 in Shanghai
+    assert (await consume(harness, t, 1)).code == "77"  # January's batch must be settled first
+    assert (await harness.send(t, "0500", settlement_fields(t, 10_000, 1, 0, 0), mac=False)).code == "00"
+    await harness.sign_on(t)
+    february = await consume(harness, t, 10_000)
+    assert (february.code, february.fields[13]) == ("00", "0201")
+    assert (await consume(harness, t, 1)).code == "61"
 
 
 async def test_two_terminals_racing_for_the_last_headroom(harness: Harness) -> None:
