@@ -154,8 +154,10 @@ async def run_switch(
         state.saf = saf
         # requests that reached an issuer without their outcome reaching the journal (a crash):
         # reverse them before serving again. On a shared database only the intents old enough to
-        # be nobody's (the rest may be other live processes' requests in flight); a sweep does
-        # the same for the whole life of the process, for the processes that die.
+        # be nobody's (the rest may be other live processes' requests in flight). A sweep does
+        # the same for the whole life of the process: for the processes that die, and for this
+        # one's requests whose journal commit failed (a full disk, an I/O error) after the issuer
+        # had answered.
         shared = cfg.store_dsn.startswith(("postgresql://", "postgres://"))
         orphan_age = cfg.orphan_intent_timeout or orphan_intent_age(cfg.issuer_timeout)
         store.db.execute("BEGIN IMMEDIATE")
@@ -180,8 +182,7 @@ async def run_switch(
             await tg.start(store.run_probe)
             await network.start(tg, list(cfg.issuers))
             await tg.start(saf.run)  # delivers what a previous run left queued, too
-            if shared:
-                await tg.start(saf.sweep_orphan_intents, orphan_age)
+            await tg.start(saf.sweep_orphan_intents, orphan_age)
             await tg.start(outbox.run)
             await tg.start(watch_changes, state)
             metrics_port = await tg.start(serve_http, metrics, cfg.host, cfg.metrics_port, ready)
@@ -333,6 +334,7 @@ async def run_demo(
     handle_signals: bool = True,
     mocks: dict[str, Any] | None = None,
     issuer_ports: dict[str, int] | None = None,
+    orphan_intent_timeout: float = 0.0,
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """The demo: mock issuers (``mocks`` to keep handles on them, e.g. from
@@ -354,7 +356,7 @@ async def run_demo(
         cfg = AppConfig(
             data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
             issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound), admin_port=admin_port,
-            portal_port=portal_port, side_ports_optional=True,
+            portal_port=portal_port, side_ports_optional=True, orphan_intent_timeout=orphan_intent_timeout,
         )
 
         prepare: Callable[[SqliteStore], object] | None = None

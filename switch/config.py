@@ -21,8 +21,8 @@ issuer = 5.0
 idle = 60.0
 read = 10.0
 drain = 10.0
-orphan_intent = 0         # several processes: a write-ahead intent older than this is a dead process's
-                          # (0: max(30, 6 x issuer); at least 2 x issuer + 1)
+orphan_intent = 0         # a write-ahead intent older than this never reached the journal (a dead
+                          # process, a failed commit): reversed (0: max(30, 6 x issuer); >= 2 x issuer + 1)
 
 [limits]
 max_frame = 2048

@@ -180,9 +180,12 @@ class StoreAndForward:
     async def sweep_orphan_intents(
         self, max_age: float, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Several processes on one database: an intent older than ``max_age`` (far beyond the
-        issuer timeout plus a journal commit) belongs to a process that died, whichever it was;
-        queue its reversal. Intents younger than that may be another live process's."""
+        """An intent older than ``max_age`` (far beyond the issuer timeout plus a journal commit)
+        belongs to a request that will never commit its journal row: its process died (several
+        processes on one database), or its journal commit failed here; queue its reversal.
+        Intents younger than that may be requests in flight, this process's or another's. A
+        request whose intent is taken while its commit is only slow fails that commit
+        (``IntentTakenOver``): it is never journaled as approved while being reversed."""
         task_status.started()
         while True:  # for the life of the switch; cancelled with its task group
             try:

@@ -94,7 +94,7 @@ async def signed_on(client: TerminalClient, mode: str = "003") -> AsyncIterator[
 
 @asynccontextmanager
 async def in_process_demo(
-    data_dir: Path, mocks: dict[str, MockIssuer], *, issuer_timeout: float = 0.5
+    data_dir: Path, mocks: dict[str, MockIssuer], *, issuer_timeout: float = 0.5, orphan_intent_timeout: float = 0.0
 ) -> AsyncIterator[Running]:
     """``run_demo`` in this event loop on free 127.0.0.1 ports with the given mock issuers (kept
     by the caller to read their books and flip their behaviour). On exit the switch drains and
@@ -102,7 +102,7 @@ async def in_process_demo(
     async with anyio.create_task_group() as tg:
         running: Running = await tg.start(functools.partial(
             run_demo, data_dir, port=0, metrics_port=0, issuer_timeout=issuer_timeout,
-            handle_signals=False, mocks=mocks,
+            handle_signals=False, mocks=mocks, orphan_intent_timeout=orphan_intent_timeout,
         ))
         try:
             yield running

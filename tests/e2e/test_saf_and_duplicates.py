@@ -14,6 +14,7 @@ Every wait is a bounded poll on a condition; nothing asserts on elapsed time.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from switch.crypto.working_keys import parse_f62
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.issuers.mock import MockIssuer
 from switch.issuers.run import demo_mocks
-from switch.pos.client import Response, TerminalClient
+from switch.pos.client import Response, TerminalClient, TerminalError
 
 from .helpers import (
     ICBC_CARD,
@@ -36,6 +37,7 @@ from .helpers import (
     in_process_demo,
     metric,
     record_mtis,
+    reversal_of,
     signed_on,
     terminal_client,
     void_extra,
@@ -252,6 +254,37 @@ async def test_blackhole_reversal_restores_the_balance_exactly_once(tmp_path: Pa
         assert await wait_until(lambda: any(m.mti == "0401" and m.answered for m in seen), 5.0)
         assert icbc.balance_of(CARD) == before
         assert len(icbc.applied("reversal")) == 1
+
+
+async def test_a_journal_write_that_fails_leaves_no_answer_and_the_issuer_is_reversed(tmp_path: Path) -> None:
+    """The journal commit of an approved consume fails (here a trigger aborts that one row, as a
+    full disk or an I/O error would): the terminal gets no answer (the connection is closed, so
+    no answer can exist outside the journal), the switch keeps serving, and the request's
+    write-ahead intent is found by the orphan sweep and reversed at the issuer, without a
+    restart. The terminal's own 0400 meanwhile finds no original: 25, final (§11)."""
+    mocks = demo_mocks()
+    icbc = mocks["ICBC"]
+    before = icbc.balance_of(CARD)
+    async with in_process_demo(tmp_path, mocks, orphan_intent_timeout=2.0) as running:
+        db = sqlite3.connect(tmp_path / "switch.db")
+        db.execute("CREATE TRIGGER fail_one BEFORE INSERT ON journal"
+                   " WHEN NEW.amount_fen = 4242 AND NEW.txn = 'consume'"
+                   " BEGIN SELECT RAISE(ABORT, 'injected write failure'); END")
+        db.commit()
+        db.close()
+        async with signed_on(client(running)) as term:
+            mti, fields = card_request(term, "consume", CARD, 4_242, pin=PIN[CARD])
+            with pytest.raises(TerminalError):
+                await term.send_fields(mti, fields)
+        assert icbc.balance_of(CARD) == before - 4_242  # the issuer approved it
+        async with signed_on(client(running, first_stan=500)) as term:
+            assert (await do(term, "consume", CARD, 100)).code == "00"  # the switch goes on
+            lost = reversal_of(term, fields)
+            assert (await term.send_fields("0400", lost)).code == "25"
+            assert await wait_until(lambda: icbc.balance_of(CARD) == before - 100, 15.0)
+        assert [e.reverses for e in icbc.applied("reversal")] == ["consume"]
+        assert [r["kind"] for r in saf_rows(running)] == ["reversal"]
+        assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 0
 
 
 async def test_queued_reversal_is_delivered_after_a_restart(tmp_path: Path) -> None:
