@@ -142,14 +142,19 @@ class PrometheusMetrics:
       their request had timed out (or matched no request in flight).
     - ``switch_connections_open``, gauge, no labels: terminal connections currently open.
     - ``switch_connections_closed_total``, counter, ``reason``: terminal connections closed, by
-      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``frame_too_large``, ``protocol``: a
-      frame closed at §12.1 step 1, ``shutdown``, ...).
+      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``short_frame``, ``frame_too_large``,
+      ``protocol``: a frame closed at §12.1 step 1, ``internal_error``, ``max_connections``,
+      ``shutdown``).
     - ``switch_malformed_frames_total``, counter, ``reason``: frames that could not be decoded
       (``secondary_bitmap``, ``bad_mti``, ``short_body``, ``decode:<field>``, ...), closed or
       answered ``30``.
     - ``switch_mac_failures_total``, counter, no labels: requests whose MAC (F64) did not verify.
     - ``switch_journal_commit_seconds``, histogram, no labels: time of one journal commit.
     - ``switch_journal_commit_batch_size``, histogram, no labels: journal rows per commit.
+    - ``switch_store_write_failures_total``, counter, no labels: writes the store could not
+      commit (a full disk, an I/O error); a request whose journal row is among them got no
+      answer (its connection was closed) and, if it reached an issuer, is reversed by the
+      orphan-intent sweep.
     - ``switch_journal_commits_total``, counter, no labels: journal commits (= fsyncs); with
       ``switch_requests_total`` it shows how well group commit batches.
     - ``switch_requests_in_flight``, gauge, no labels: terminal requests being processed now.
@@ -250,6 +255,11 @@ class PrometheusMetrics:
             "switch_journal_commit_batch_size", "Journal rows written by one commit.", (), r, BATCH_SIZE_BUCKETS
         )
         self._commits = _LeanCounter("switch_journal_commits", "Journal commits (fsyncs).", (), r)
+        self._write_failures = Counter(
+            "switch_store_write_failures_total",
+            "Store writes that could not be committed (their requests got no answer).",
+            registry=r,
+        )
         self._in_flight = _LeanGauge("switch_requests_in_flight", "Terminal requests being processed now.", (), r)
         self._saf_depth = Gauge(
             "switch_saf_depth", "Store-and-forward messages waiting for the issuer.", ["issuer"], registry=r
@@ -303,6 +313,9 @@ class PrometheusMetrics:
 
     def mac_failure(self) -> None:
         self._mac_failures.inc()
+
+    def store_write_failed(self) -> None:
+        self._write_failures.inc()
 
     def journal_commit(self, batch_size: int, seconds: float) -> None:
         self._commits.inc()

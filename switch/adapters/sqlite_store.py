@@ -639,6 +639,7 @@ class SqliteStore:
             asyncio.get_running_loop().call_soon(self._start_commit)
         await _wait_shielded(p.done)
         if p.error is not None:
+            self.metrics.store_write_failed()
             raise StoreError("journal write failed") from p.error
 
     def _start_commit(self) -> None:

@@ -85,6 +85,9 @@ class RecordingMetrics:
     def journal_commit(self, batch_size: int, seconds: float) -> None:
         pass
 
+    def store_write_failed(self) -> None:
+        pass
+
     def in_flight(self, delta: int) -> None:
         pass
 

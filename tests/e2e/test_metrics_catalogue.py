@@ -28,6 +28,7 @@ CATALOGUE: dict[str, set[str]] = {
     "switch_issuer_pending": {"issuer"},
     "switch_connections_open": set(),
     "switch_connections_closed_total": {"reason"},
+    "switch_store_write_failures_total": set(),
     "switch_malformed_frames_total": {"reason"},
     "switch_mac_failures_total": set(),
     "switch_journal_commit_seconds_bucket": {"le"},

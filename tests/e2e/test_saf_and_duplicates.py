@@ -284,6 +284,7 @@ async def test_a_journal_write_that_fails_leaves_no_answer_and_the_issuer_is_rev
             assert await wait_until(lambda: icbc.balance_of(CARD) == before - 100, 15.0)
         assert [e.reverses for e in icbc.applied("reversal")] == ["consume"]
         assert [r["kind"] for r in saf_rows(running)] == ["reversal"]
+        assert metric(exposition(running), "switch_store_write_failures_total") == 1
         assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 0
 
 
