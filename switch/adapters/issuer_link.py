@@ -132,15 +132,20 @@ class _StanCounter:
 _QUEUED, _SENT = 0, 1
 
 
+# what an issuer's reply repeats of its request (specs/issuer.md), compared before it is taken
+_ECHOED = (2, 3, 4, 7, 37)
+
+
 class _Waiter:
     """One request on the link: its frame, then its reply or error. ``done`` is an
     ``asyncio.Event`` (anyio's costs a backend lookup per request to create)."""
 
-    __slots__ = ("request_mti", "frame", "state", "done", "reply", "error")
+    __slots__ = ("request_mti", "frame", "echo", "state", "done", "reply", "error")
 
-    def __init__(self, request_mti: str, frame: bytes = b"") -> None:
+    def __init__(self, request_mti: str, frame: bytes = b"", echo: tuple[object, ...] = ()) -> None:
         self.request_mti = request_mti
         self.frame = frame
+        self.echo = echo  # the request's values of _ECHOED (None where it had none)
         self.state = _QUEUED  # until the link's write takes the frame, then _SENT
         self.done = asyncio.Event()
         self.reply: tuple[str, Fields] | None = None
@@ -164,7 +169,8 @@ class TcpIssuerLink:
 
     Start ``run`` in the application's task group: it reports started at once (a dead issuer
     never blocks start-up), then connects, reads replies and reconnects forever. ``send`` may be
-    called from many tasks at once; replies are matched by F11, in any order.
+    called from many tasks at once; replies are matched by F11, in any order, and a reply is
+    taken only if it repeats the F2, F3, F4, F7 and F37 its request sent (specs/issuer.md).
 
     A connection that drops while requests are in flight fails them with IssuerTimeout: they were
     written, so their outcome at the issuer is unknown and the caller must treat them like a
@@ -278,6 +284,16 @@ class TcpIssuerLink:
             log.warning("issuer %s: reply %s to request %s STAN %s, dropped",
                         self.name, mti, waiter.request_mti, stan)
             return
+        for key, sent in zip(_ECHOED, waiter.echo):
+            got = fields.get(key)
+            if sent is not None and got is not None and got != sent:
+                # not this request's answer (an approval of another amount, another request's
+                # reply on a reused STAN): never taken; the request waits for its own reply and,
+                # without one, times out like any unanswered request (reversed if reversible)
+                self._metrics.malformed_frame("issuer")
+                log.warning("issuer %s: reply %s STAN %s repeats another F%d than its request sent, dropped",
+                            self.name, mti, stan, key)
+                return
         waiter.reply = (mti, fields)
         waiter.done.set()
 
@@ -309,7 +325,7 @@ class TcpIssuerLink:
         if link is None:
             raise IssuerUnavailable(f"{self.name}: link down")
         stan = _stamp(fields, self._stans, self._pending)
-        waiter = _Waiter(mti, frame(self._codec.encode(mti, fields)))
+        waiter = _Waiter(mti, frame(self._codec.encode(mti, fields)), tuple(map(fields.get, _ECHOED)))
         self._pending[stan] = waiter
         self._metrics.issuer_pending(self.name, len(self._pending))
         outbox = self._outbox

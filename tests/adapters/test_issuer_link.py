@@ -280,6 +280,43 @@ async def test_garbage_and_unknown_stan_replies_are_counted_and_the_link_survive
         tg.cancel_scope.cancel()
 
 
+async def test_a_reply_repeating_other_values_than_its_request_is_not_taken() -> None:
+    """specs/issuer.md: a reply repeats the request's F2/F3/F4/F7/F37. An approval of another
+    amount (or a reply meant for another request on the same STAN) is dropped and counted; the
+    request takes its own reply if one follows, else it times out (reversed by the caller)."""
+    metrics = RecordingMetrics()
+
+    async def rogue(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            reader = BufferedByteReceiveStream(stream)
+            _, first = CODEC.decode(await receive_frame(reader, 4096))
+            wrong = {k: first[k] for k in (2, 3, 7, 11, 37) if k in first}
+            await stream.send(frame(CODEC.encode("0210", {**wrong, 4: "000000000999", 38: "123456", 39: "00"})))
+            await stream.send(frame(CODEC.encode("0210", {**wrong, 4: first[4], 38: "123456", 39: "00"})))
+            _, second = CODEC.decode(await receive_frame(reader, 4096))
+            other_f7 = "0101000000" if second[7] != "0101000000" else "0202000000"
+            await stream.send(frame(CODEC.encode("0210", {11: second[11], 4: second[4], 7: other_f7, 39: "00"})))
+            with pytest.raises(anyio.EndOfStream):
+                await stream.receive()  # stay connected until the link closes
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener, anyio.create_task_group() as tg:
+        port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+        tg.start_soon(listener.serve, rogue)
+        link = TcpIssuerLink("ROGUE", "127.0.0.1", port, metrics, reconnect_delay=0.02)
+        await tg.start(link.run)
+        assert await link.wait_up(WAIT)
+        request = {**consume(RICH, 250), 37: "000000000042"}
+        mti, reply = await link.send("0200", request, timeout=WAIT)
+        assert (mti, reply[4], reply[39]) == ("0210", "000000000250", "00")  # its own reply, not the first
+        assert metrics.malformed == ["issuer"]
+        with pytest.raises(IssuerTimeout):
+            await link.send("0200", consume(RICH, 251), timeout=0.5)
+        assert metrics.malformed == ["issuer", "issuer"]
+        assert metrics.states == [("ROGUE", True)]
+        tg.cancel_scope.cancel()
+
+
 async def test_oversized_frame_drops_the_connection_and_the_link_reconnects() -> None:
     metrics = RecordingMetrics()
     connections = 0
