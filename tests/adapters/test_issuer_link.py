@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -249,6 +249,21 @@ async def test_drop_with_request_in_flight_fails_it_at_once_as_a_timeout() -> No
     assert metrics.requests == [("ICBC", "timeout")]
 
 
+@asynccontextmanager
+async def rogue_linked(
+    handler: Callable[[anyio.abc.SocketStream], Awaitable[None]], metrics: RecordingMetrics, name: str = "ROGUE"
+) -> AsyncIterator[TcpIssuerLink]:
+    """A link to a hand-written issuer on 127.0.0.1 (``handler`` serves each connection)."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener, anyio.create_task_group() as tg:
+        port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+        tg.start_soon(listener.serve, handler)
+        link = TcpIssuerLink(name, "127.0.0.1", port, metrics, reconnect_delay=0.02)
+        await tg.start(link.run)
+        yield link
+        tg.cancel_scope.cancel()
+
+
 async def test_garbage_and_unknown_stan_replies_are_counted_and_the_link_survives() -> None:
     metrics = RecordingMetrics()
 
@@ -264,12 +279,7 @@ async def test_garbage_and_unknown_stan_replies_are_counted_and_the_link_survive
             with pytest.raises(anyio.EndOfStream):
                 await stream.receive()  # stay connected until the link closes
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    async with listener, anyio.create_task_group() as tg:
-        port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-        tg.start_soon(listener.serve, rogue)
-        link = TcpIssuerLink("ROGUE", "127.0.0.1", port, metrics, reconnect_delay=0.02)
-        await tg.start(link.run)
+    async with rogue_linked(rogue, metrics) as link:
         assert await link.wait_up(WAIT)
         first = await link.send("0200", consume(RICH, 1), timeout=WAIT)
         second = await link.send("0200", consume(RICH, 1), timeout=WAIT)
@@ -277,7 +287,6 @@ async def test_garbage_and_unknown_stan_replies_are_counted_and_the_link_survive
         assert (first[0], first[1][39], second[1][39]) == ("0210", "00", "00")
         assert metrics.malformed == ["issuer", "issuer"]
         assert metrics.states == [("ROGUE", True)]  # never dropped
-        tg.cancel_scope.cancel()
 
 
 async def test_a_reply_repeating_other_values_than_its_request_is_not_taken() -> None:
@@ -299,12 +308,7 @@ async def test_a_reply_repeating_other_values_than_its_request_is_not_taken() ->
             with pytest.raises(anyio.EndOfStream):
                 await stream.receive()  # stay connected until the link closes
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    async with listener, anyio.create_task_group() as tg:
-        port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-        tg.start_soon(listener.serve, rogue)
-        link = TcpIssuerLink("ROGUE", "127.0.0.1", port, metrics, reconnect_delay=0.02)
-        await tg.start(link.run)
+    async with rogue_linked(rogue, metrics) as link:
         assert await link.wait_up(WAIT)
         request = {**consume(RICH, 250), 37: "000000000042"}
         mti, reply = await link.send("0200", request, timeout=WAIT)
@@ -314,7 +318,6 @@ async def test_a_reply_repeating_other_values_than_its_request_is_not_taken() ->
             await link.send("0200", consume(RICH, 251), timeout=0.5)
         assert metrics.malformed == ["issuer", "issuer"]
         assert metrics.states == [("ROGUE", True)]
-        tg.cancel_scope.cancel()
 
 
 async def test_oversized_frame_drops_the_connection_and_the_link_reconnects() -> None:
@@ -334,17 +337,11 @@ async def test_oversized_frame_drops_the_connection_and_the_link_reconnects() ->
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await stream.receive()  # until the link closes
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    async with listener, anyio.create_task_group() as tg:
-        port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-        tg.start_soon(listener.serve, server)
-        link = TcpIssuerLink("BIG", "127.0.0.1", port, metrics, reconnect_delay=0.02)
-        await tg.start(link.run)
+    async with rogue_linked(server, metrics, "BIG") as link:
         await metrics.wait_until(lambda: len(metrics.states) >= 3)
         assert metrics.states[:3] == [("BIG", True), ("BIG", False), ("BIG", True)]
         assert metrics.malformed == ["issuer"]
         assert (await link.send("0800", {}, timeout=WAIT))[1][39] == "00"
-        tg.cancel_scope.cancel()
 
 
 def test_stan_counter_wraps_and_skips_stans_in_flight() -> None:
