@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Awaitable, Callable, Union
 
-from switch.adapters.sqlite_store import JournalEntry, SqliteStore
+from switch.adapters.sqlite_store import JournalEntry, SqliteStore, StoreError
 from switch.adapters.webhooks import event_from_journal
 from switch.core.codec import Fields
 from switch.core.framing import Frame
@@ -129,7 +129,11 @@ class TransactionManager:
                                                 time.perf_counter() - ctx.started)
                 data = ctx.resend
             else:
-                data = await self._respond(ctx)
+                try:
+                    data = await self._respond(ctx)
+                except StoreError:
+                    await self._reverse_unjournaled(ctx)
+                    raise  # no answer without its journal row: the connection is closed, counted
             return data
         finally:
             # release the original's lock and any copies waiting on this request (§11), only now
@@ -140,6 +144,21 @@ class TransactionManager:
             duplicates.finish(state, ctx, data)
             _release_terminals(ctx)  # when the request ended before its journal commit
             state.metrics.in_flight(-1)
+
+    async def _reverse_unjournaled(self, ctx: Context) -> None:
+        """The journal commit failed (a full disk, an I/O error): whatever this request did at an
+        issuer must be undone. Its write-ahead intents become queued reversals now if the store
+        takes that write; if it does not, the orphan-intent sweep does it later."""
+        saf = self.state.saf
+        if not ctx.intents or saf is None:
+            return
+        try:
+            await self.store.write(saf.op_promote_intents(list(ctx.intents)))
+        except StoreError:
+            log.error("journal commit failed and its %d intent(s) could not be queued for reversal;"
+                      " the orphan-intent sweep will", len(ctx.intents))
+            return
+        saf.wake()
 
     def _resent_code(self, frame: bytes) -> str:
         try:

@@ -256,35 +256,72 @@ async def test_blackhole_reversal_restores_the_balance_exactly_once(tmp_path: Pa
         assert len(icbc.applied("reversal")) == 1
 
 
+def fail_inserts(data_dir: Path, name: str, table: str, when: str = "1") -> None:
+    """A trigger making the switch's own writes to ``table`` fail (as a full disk or an I/O error
+    would), for the rows matching ``when``."""
+    db = sqlite3.connect(data_dir / "switch.db")
+    try:
+        db.execute(f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {when}"
+                   " BEGIN SELECT RAISE(ABORT, 'injected write failure'); END")
+        db.commit()
+    finally:
+        db.close()
+
+
+def drop_trigger(data_dir: Path, name: str) -> None:
+    db = sqlite3.connect(data_dir / "switch.db")
+    try:
+        db.execute(f"DROP TRIGGER {name}")
+        db.commit()
+    finally:
+        db.close()
+
+
 async def test_a_journal_write_that_fails_leaves_no_answer_and_the_issuer_is_reversed(tmp_path: Path) -> None:
-    """The journal commit of an approved consume fails (here a trigger aborts that one row, as a
-    full disk or an I/O error would): the terminal gets no answer (the connection is closed, so
-    no answer can exist outside the journal), the switch keeps serving, and the request's
-    write-ahead intent is found by the orphan sweep and reversed at the issuer, without a
-    restart. The terminal's own 0400 meanwhile finds no original: 25, final (§11)."""
+    """The journal commit of an approved consume fails (a trigger aborts that one row): the
+    terminal gets no answer (the connection is closed: no answer may exist outside the journal),
+    the switch keeps serving, and the request's write-ahead intent becomes a queued reversal at
+    once, delivered to the issuer. The terminal's own 0400 finds no original: 25, final (§11)."""
     mocks = demo_mocks()
     icbc = mocks["ICBC"]
     before = icbc.balance_of(CARD)
-    async with in_process_demo(tmp_path, mocks, orphan_intent_timeout=2.0) as running:
-        db = sqlite3.connect(tmp_path / "switch.db")
-        db.execute("CREATE TRIGGER fail_one BEFORE INSERT ON journal"
-                   " WHEN NEW.amount_fen = 4242 AND NEW.txn = 'consume'"
-                   " BEGIN SELECT RAISE(ABORT, 'injected write failure'); END")
-        db.commit()
-        db.close()
+    async with in_process_demo(tmp_path, mocks) as running:  # the default orphan age: 30 s
+        fail_inserts(tmp_path, "fail_one", "journal", "NEW.amount_fen = 4242 AND NEW.txn = 'consume'")
         async with signed_on(client(running)) as term:
             mti, fields = card_request(term, "consume", CARD, 4_242, pin=PIN[CARD])
             with pytest.raises(TerminalError):
                 await term.send_fields(mti, fields)
-        assert icbc.balance_of(CARD) == before - 4_242  # the issuer approved it
         async with signed_on(client(running, first_stan=500)) as term:
             assert (await do(term, "consume", CARD, 100)).code == "00"  # the switch goes on
-            lost = reversal_of(term, fields)
-            assert (await term.send_fields("0400", lost)).code == "25"
-            assert await wait_until(lambda: icbc.balance_of(CARD) == before - 100, 15.0)
+            assert (await term.send_fields("0400", reversal_of(term, fields))).code == "25"
+        assert await wait_until(lambda: icbc.balance_of(CARD) == before - 100, 10.0)
+        assert [(e.kind, e.amount_fen) for e in icbc.applied("consume")] == [("consume", 4_242), ("consume", 100)]
         assert [e.reverses for e in icbc.applied("reversal")] == ["consume"]
         assert [r["kind"] for r in saf_rows(running)] == ["reversal"]
         assert metric(exposition(running), "switch_store_write_failures_total") == 1
+        assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 0
+
+
+async def test_when_the_reversal_cannot_be_queued_either_the_orphan_sweep_does_it(tmp_path: Path) -> None:
+    """The store refuses the journal row and then the queued reversal too (a full disk stays
+    full): the intent stays, and once the store takes writes again the orphan-intent sweep
+    (here after 2 s) reverses the consume at the issuer, without a restart."""
+    mocks = demo_mocks()
+    icbc = mocks["ICBC"]
+    before = icbc.balance_of(CARD)
+    async with in_process_demo(tmp_path, mocks, orphan_intent_timeout=2.0) as running:
+        fail_inserts(tmp_path, "fail_row", "journal", "NEW.amount_fen = 4343 AND NEW.txn = 'consume'")
+        fail_inserts(tmp_path, "fail_saf", "saf_queue")
+        async with signed_on(client(running)) as term:
+            mti, fields = card_request(term, "consume", CARD, 4_343, pin=PIN[CARD])
+            with pytest.raises(TerminalError):
+                await term.send_fields(mti, fields)
+        assert await wait_until(lambda: metric(exposition(running), "switch_store_write_failures_total") >= 2)
+        assert icbc.balance_of(CARD) == before - 4_343  # approved at the issuer, not yet reversed
+        assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 1
+        drop_trigger(tmp_path, "fail_saf")  # the disk has room again
+        assert await wait_until(lambda: icbc.balance_of(CARD) == before, 15.0)
+        assert [e.reverses for e in icbc.applied("reversal")] == ["consume"]
         assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 0
 
 
