@@ -200,12 +200,16 @@ class StoreAndForward:
         """The worker: delivers what is due, sleeps until the next due message or a wake-up."""
         task_status.started()
         while True:
-            await self.deliver_due()
-            pending = self.store.query(
-                "SELECT MIN(next_attempt) AS t FROM saf_queue WHERE state = 'pending'"
-            )
-            due = pending[0]["t"] if pending and pending[0]["t"] is not None else None
-            wait = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - self.clock()))
+            try:
+                await self.deliver_due()
+                pending = self.store.query(
+                    "SELECT MIN(next_attempt) AS t FROM saf_queue WHERE state = 'pending'"
+                )
+                due = pending[0]["t"] if pending and pending[0]["t"] is not None else None
+                wait = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - self.clock()))
+            except Exception:  # the store failing to read: the worker outlives it (and the switch)
+                log.exception("store-and-forward: delivery pass failed; will retry")
+                wait = IDLE_POLL
             with anyio.move_on_after(wait):
                 await self._wake.wait()
             self._wake = anyio.Event()
@@ -241,6 +245,9 @@ class StoreAndForward:
                 # still pending and will be attempted again, an issuer takes repeats idempotently
                 log.warning("store-and-forward: could not record the attempt of #%s; will retry", row["id"])
                 return
+            except Exception:  # a bug, not the row (unreadable rows are set aside in _attempt)
+                log.exception("store-and-forward: attempt of #%s failed; will retry", row["id"])
+                return
             finally:
                 self._busy.discard(row["id"])
 
@@ -262,7 +269,16 @@ class StoreAndForward:
         return bool(won and won[0] == 1)
 
     async def _attempt(self, issuer: str, row: dict[str, Any]) -> None:
-        fields = decode_fields(self.store.master_key.unwrap(row["fields"], f"saf:{issuer}"))
+        try:
+            fields = decode_fields(self.store.master_key.unwrap(row["fields"], f"saf:{issuer}"))
+        except Exception as exc:
+            # a row that does not unwrap or decode (damaged at rest) can never be sent: set it
+            # aside for reconciliation instead of failing the queue (or the switch) at every pass
+            log.error("store-and-forward: %s #%s for %s cannot be read (%s); marked refused, reconcile by hand",
+                      row["kind"], row["id"], issuer, type(exc).__name__)
+            await self.store.write(self._op_finish(row["id"], "refused", int(row["attempts"]), "unreadable",
+                                                   self.clock()))
+            return
         if row["kind"] == "reversal":
             # a reversal names its original in F90: each attempt gets a fresh F11/F7
             fields.pop(11, None)
