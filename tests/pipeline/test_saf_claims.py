@@ -18,12 +18,14 @@ pytestmark = pytest.mark.anyio
 
 
 class SlowLink:
-    """An issuer link that answers 00 after a moment and counts what it was sent."""
+    """An issuer link that answers 00 after ``delay`` and records what it was sent."""
 
     name = "ICBC"
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.2) -> None:
+        self.delay = delay
         self.sent: list[str] = []
+        self.fields: list[Fields] = []
 
     @property
     def is_up(self) -> bool:
@@ -38,7 +40,8 @@ class SlowLink:
 
     async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
         self.sent.append(mti)
-        await anyio.sleep(0.2)  # both workers are now between reading the row and recording it
+        self.fields.append(dict(fields))
+        await anyio.sleep(self.delay)  # both workers are now between reading the row and recording it
         return "0410", {39: "00"}
 
 

@@ -18,33 +18,11 @@ from switch.pipeline import saf as saf_module
 from switch.pipeline.saf import StoreAndForward
 from switch.ports import NullMetrics
 
+from test_saf_claims import SlowLink
+
 pytestmark = pytest.mark.anyio
 
 REVERSAL: Fields = {3: "000000", 4: "000000000100", 90: "0" * 42}
-
-
-class AckLink:
-    """An issuer link that acknowledges everything at once and records what it was sent."""
-
-    name = "ICBC"
-
-    def __init__(self) -> None:
-        self.sent: list[Fields] = []
-
-    @property
-    def is_up(self) -> bool:
-        return True
-
-    async def wait_up(self, timeout: float) -> bool:
-        return True
-
-    def stamp(self, fields: Fields) -> None:
-        fields.setdefault(11, "000001")
-        fields.setdefault(7, "1126120000")
-
-    async def send(self, mti: str, fields: Fields, timeout: float) -> tuple[str, Fields]:
-        self.sent.append(dict(fields))
-        return "0410", {39: "00"}
 
 
 def open_store(tmp_path: Path) -> SqliteStore:
@@ -55,7 +33,7 @@ def open_store(tmp_path: Path) -> SqliteStore:
 
 async def test_an_unreadable_message_is_set_aside_and_the_queue_goes_on(tmp_path: Path) -> None:
     store = open_store(tmp_path)
-    link = AckLink()
+    link = SlowLink(delay=0.0)
     saf = StoreAndForward(store, {"ICBC": link}, NullMetrics(), timeout=2.0)  # type: ignore[dict-item]
     try:
         async with anyio.create_task_group() as tg:
@@ -75,7 +53,7 @@ async def test_an_unreadable_message_is_set_aside_and_the_queue_goes_on(tmp_path
         {"id": 1, "state": "refused", "attempts": 0, "last_response": "unreadable"},
         {"id": 2, "state": "done", "attempts": 1, "last_response": "00"},
     ]
-    assert [f[4] for f in link.sent] == ["000000000200"]  # only the readable one went out
+    assert [f[4] for f in link.fields] == ["000000000200"]  # only the readable one went out
 
 
 async def test_the_worker_survives_a_failing_read_and_delivers_afterwards(
@@ -83,7 +61,7 @@ async def test_the_worker_survives_a_failing_read_and_delivers_afterwards(
 ) -> None:
     monkeypatch.setattr(saf_module, "IDLE_POLL", 0.05)
     store = open_store(tmp_path)
-    link = AckLink()
+    link = SlowLink(delay=0.0)
     saf = StoreAndForward(store, {"ICBC": link}, NullMetrics(), timeout=2.0)  # type: ignore[dict-item]
     real_query = store.query
     failures = []
