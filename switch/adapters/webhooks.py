@@ -252,15 +252,18 @@ class WebhookOutbox:
         async with anyio.create_task_group() as tg:
             task_status.started()
             while True:
-                free = self.concurrency - len(self._busy)
-                for row in self._due_rows(free) if free > 0 else []:
-                    self._busy.add(int(row["id"]))
-                    tg.start_soon(self._deliver_row, row, True)
                 wait = IDLE_POLL
-                if len(self._busy) < self.concurrency:
-                    due = self._next_due()
-                    if due is not None:
-                        wait = min(IDLE_POLL, max(0.0, due - self.clock()))
+                try:
+                    free = self.concurrency - len(self._busy)
+                    for row in self._due_rows(free) if free > 0 else []:
+                        self._busy.add(int(row["id"]))
+                        tg.start_soon(self._deliver_row, row, True)
+                    if len(self._busy) < self.concurrency:
+                        due = self._next_due()
+                        if due is not None:
+                            wait = min(IDLE_POLL, max(0.0, due - self.clock()))
+                except Exception:  # the store failing to read: notifications wait, payments go on
+                    log.exception("webhook outbox: reading the queue failed; will retry")
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 self._wake = anyio.Event()
@@ -321,6 +324,8 @@ class WebhookOutbox:
                 await self._attempt(row)
         except StoreError:  # the outcome was not recorded: the event stays due (at least once)
             log.exception("webhook outbox #%s: could not record the attempt", row["id"])
+        except Exception:  # a bug, not the event (unreadable events are failed in _attempt)
+            log.exception("webhook outbox #%s: attempt failed; will retry", row["id"])
         finally:
             self._busy.discard(int(row["id"]))
             if wake_after:
@@ -339,7 +344,14 @@ class WebhookOutbox:
     async def _attempt(self, row: dict[str, Any]) -> None:
         row_id, mid = int(row["id"]), str(row["mid"])
         body = str(row["event"]).encode("utf-8")
-        event_id = str(json.loads(body).get("id", row_id))
+        try:
+            event_id = str(json.loads(body).get("id", row_id))
+        except (ValueError, AttributeError):
+            # damaged at rest: it can never be posted as what it was; failed, for the record
+            log.error("webhook outbox #%s for %s: the event is not readable JSON; marked failed", row_id, mid)
+            await self.store.write(self._op_update(row_id, "failed", int(row["attempts"]), "unreadable event",
+                                                   self.clock(), None))
+            return
         try:
             url, secret = self._merchant_target(mid)
         except Exception as exc:  # a secret that does not unwrap: retried, then failed

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
 
+from switch.adapters import webhooks
 from switch.adapters.sqlite_store import JournalEntry, SqliteStore
 from switch.adapters.webhooks import (
     EVENT_KEYS,
@@ -507,3 +509,41 @@ async def test_two_outboxes_on_one_queue_post_an_event_once(store: SqliteStore) 
             tg.start_soon(b.deliver_due)
         (row,) = await wait_for_state(store, "delivered")
     assert len(rx.requests) == 1 and row["attempts"] == 1
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_event_is_failed_and_the_worker_goes_on(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event damaged at rest is marked failed ('unreadable event') and the next one is still
+    delivered; a read of the queue that fails is retried. Neither ends the worker, whose task
+    group is the switch's (it used to end the switch)."""
+    monkeypatch.setattr(webhooks, "IDLE_POLL", 0.05)
+    real_query = store.query
+    failures: list[str] = []
+
+    def flaky_query(sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        if "outbox WHERE state = 'pending'" in sql and len(failures) < 2:  # the worker's reads
+            failures.append(sql)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_query(sql, params)
+
+    async with receiver(default=200) as rx, running_writer(store) as tg:
+        set_webhook(store, MID, rx.url)
+        outbox = WebhookOutbox(store)
+        await store.write(outbox.op_enqueue(MID, txn_event(stan="000001")))
+        await store.write(outbox.op_enqueue(MID, txn_event(stan="000002")))
+        db = sqlite3.connect(store.path)
+        db.execute("UPDATE outbox SET event = '{not json' WHERE id = 1")
+        db.commit()
+        db.close()
+        monkeypatch.setattr(store, "query", flaky_query)
+        await tg.start(outbox.run)
+        outbox.wake()
+        (delivered,) = await wait_for_state(store, "delivered")
+        (failed,) = await wait_for_state(store, "failed")
+    assert len(failures) == 2
+    assert (failed["id"], failed["last_error"], failed["attempts"]) == (1, "unreadable event", 0)
+    assert delivered["id"] == 2 and len(rx.requests) == 1
+    assert json.loads(rx.requests[0].body)["stan"] == "000002"
+
