@@ -153,8 +153,8 @@ class PrometheusMetrics:
     - ``switch_journal_commit_batch_size``, histogram, no labels: journal rows per commit.
     - ``switch_store_write_failures_total``, counter, no labels: writes the store could not
       commit (a full disk, an I/O error); a request whose journal row is among them got no
-      answer (its connection was closed) and, if it reached an issuer, is reversed by the
-      orphan-intent sweep.
+      answer (its connection was closed) and, if it reached an issuer, has its reversal queued
+      at once or, if the store refuses that too, by the orphan-intent sweep.
     - ``switch_journal_commits_total``, counter, no labels: journal commits (= fsyncs); with
       ``switch_requests_total`` it shows how well group commit batches.
     - ``switch_requests_in_flight``, gauge, no labels: terminal requests being processed now.
