@@ -136,6 +136,23 @@ class DatabaseClaims:
             row = conn.execute("SELECT digest FROM dup_claims WHERE dup_key = %s", (key,)).fetchone()
         return str(row[0]) if row else ""
 
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def held(self, prefix: str, mtis: tuple[str, ...]) -> bool:
+        """Whether a live claim (of any process) starts with ``prefix`` and ends with one of
+        ``mtis``: a request of that terminal and batch still in flight somewhere."""
+        try:
+            rows = self._db().execute(
+                "SELECT dup_key FROM dup_claims WHERE substr(dup_key, 1, %s) = %s AND created_at >= %s",
+                (len(prefix), prefix, self.clock() - self.stale_after),
+            ).fetchall()
+        except Exception:  # the database is unreachable: nothing to wait for that we can see
+            return False
+        return any(str(r[0])[-4:] in mtis for r in rows)
+
     @staticmethod
     def op_release(key: str) -> Op:
         def op(db: Any) -> None:

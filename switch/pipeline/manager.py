@@ -68,7 +68,6 @@ SYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], None]] = {
     "echo_test": management.echo_test,
     "parameter_download": management.parameter_download,
     "activation": activation.activate,
-    "batch_settlement": settlement.settle,
     "batch_upload": settlement.upload,
 }
 ASYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], Awaitable[None]]] = {
@@ -84,6 +83,7 @@ ASYNC_HANDLERS: dict[str, Callable[[SwitchState, Context], Awaitable[None]]] = {
     "completion_advice": preauth.pre_auth_follow_up,
     "transfer": transfer.transfer,
     "reversal": reversal.reversal,
+    "batch_settlement": settlement.settle,
 }
 
 CLOSE = None  # handle() returns None when the connection must be closed

@@ -16,7 +16,9 @@ key to collide on: each request's rows are its own.
 
 Totals: debits = consume, scan-to-pay, completion and completion advice (a voided sale stays a
 debit, its void is a credit); credits = consume voids, completion voids and refunds; only
-approved, unreversed rows count.
+approved, unreversed rows count. They are counted only once no request of that terminal and
+batch is still in flight (several may be, §1): a consume at its issuer when the 0500 arrives is
+in the totals when it is approved, never journaled into a batch that closed without it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from datetime import timezone
+
+import anyio
 
 from switch.domain.codes import ResultCode
 from switch.domain.model import Terminal
@@ -74,7 +78,11 @@ def batch_totals(state: SwitchState, tid: str, batch: str) -> Totals:
     return Totals(int(debit["total"]), int(debit["n"]), int(credit["total"]), int(credit["n"]))
 
 
-def settle(state: SwitchState, ctx: Context) -> None:
+# requests whose journal rows count in (or change rows of) a batch
+BATCH_MTIS = ("0100", "0200", "0220", "0400")
+
+
+async def settle(state: SwitchState, ctx: Context) -> None:
     terminal, f60 = ctx.terminal, ctx.f60
     assert terminal is not None and f60 is not None and state.store is not None
     f = ctx.request.fields
@@ -83,6 +91,11 @@ def settle(state: SwitchState, ctx: Context) -> None:
         ctx.decline(ResultCode.FORMAT_ERROR, "settlement needs F48 (62 digits) and F49")
         return
     batch = f60.batch
+    if not await _batch_quiet(state, terminal.tid, batch):
+        ctx.decline(ResultCode.SYSTEM_ERROR, "requests of the batch still in flight")
+        return
+    # from here to closing the batch nothing awaits: a request of this batch arriving now is
+    # either counted (its journal row committed) or meets the next batch (77)
     recorded = _recorded(state, terminal.tid, batch)
     if recorded is None and batch != terminal.batch:
         refresh_terminal(state, terminal)  # another process sharing the store may have moved it
@@ -111,6 +124,27 @@ def settle(state: SwitchState, ctx: Context) -> None:
     ctx.note = "balanced" if balanced else f"unbalanced: terminal {theirs}, switch {ours}"
     _close_batch(ctx, terminal, batch)
     ctx.rc = ResultCode.APPROVED
+
+
+async def _batch_quiet(state: SwitchState, tid: str, batch: str) -> bool:
+    """Wait (bounded: a transfer's two legs and a reversal) until no financial request or
+    reversal of this terminal and batch is in flight here or, with several processes, claimed in
+    the database; False if some still are at the deadline."""
+    prefix = f"{tid}|{batch}|"
+    deadline = anyio.current_time() + 3 * state.settings.issuer_timeout + 5.0
+    while True:
+        busy = [e for k, e in state.inflight.items() if k.startswith(prefix) and k[-4:] in BATCH_MTIS]
+        elsewhere = state.dup_claims is not None and state.dup_claims.held(prefix, BATCH_MTIS)
+        if not busy and not elsewhere:
+            return True
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            return False
+        with anyio.move_on_after(remaining if busy else min(remaining, 0.05)):
+            if busy:
+                await busy[0].done.wait()
+            else:
+                await anyio.sleep(0.05)
 
 
 def _recorded(state: SwitchState, tid: str, batch: str) -> dict[str, object] | None:

@@ -325,6 +325,39 @@ async def test_when_the_reversal_cannot_be_queued_either_the_orphan_sweep_does_i
         assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 0
 
 
+async def test_a_settlement_waits_for_the_batch_requests_still_at_the_issuer(tmp_path: Path) -> None:
+    """§1 lets a terminal have several requests in flight, so a 0500 may arrive while a consume of
+    the same batch is at its issuer. The totals are counted once it is journaled: the 0500 is
+    answered after the consume, with the consume in the switch's totals (here unbalanced against
+    the terminal's zeros), never a closed batch that an approval then lands in."""
+    mocks = demo_mocks()
+    icbc = mocks["ICBC"]
+    async with in_process_demo(tmp_path, mocks, issuer_timeout=3.0) as running:
+        async with signed_on(client(running)) as term:
+            gate = icbc.hold(CARD)
+            mti, fields = card_request(term, "consume", CARD, 700, pin=PIN[CARD])
+            zeros = f"{0:012d}{0:03d}{0:012d}{0:03d}0" + "0" * 31
+            settle = {11: term.take_stan(), 41: term.tid, 42: term.mid, 48: zeros, 49: "156",
+                      60: f"00{term.batch}201"}
+            answers: dict[str, Response] = {}
+
+            async def send(name: str, request_mti: str, request: dict[int, Any], mac: bool) -> None:
+                answers[name] = await term.send_fields(request_mti, request, mac=mac)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send, "consume", mti, fields, True)
+                # the consume is at the issuer once its write-ahead intent exists
+                assert await wait_until(lambda: bool(running.store.query("SELECT 1 FROM intents")))
+                tg.start_soon(send, "settle", "0500", settle, False)
+                await anyio.sleep(0.3)  # not an assertion on time: the 0500 must still be waiting
+                assert "settle" not in answers
+                gate.set()
+            assert answers["consume"].code == "00"
+            r = answers["settle"]
+            assert r.code == "00"
+            assert r.fields[48] == f"{700:012d}{1:03d}{0:012d}{0:03d}2" + "0" * 30 + "1"  # the switch's totals
+
+
 async def test_queued_reversal_is_delivered_after_a_restart(tmp_path: Path) -> None:
     mocks = demo_mocks()
     icbc = mocks["ICBC"]
