@@ -132,8 +132,10 @@ class _StanCounter:
 _QUEUED, _SENT = 0, 1
 
 
-# what an issuer's reply repeats of its request (specs/issuer.md), compared before it is taken
-_ECHOED = (2, 3, 4, 7, 37)
+# what an issuer's reply repeats of its request (specs/issuer.md), compared before it is taken:
+# the processing code, the amount, the transmission time and the RRN. Not F2: issuers may mask
+# the card number in replies, and the other four already tell one request from another.
+_ECHOED = (3, 4, 7, 37)
 
 
 class _Waiter:
@@ -170,7 +172,7 @@ class TcpIssuerLink:
     Start ``run`` in the application's task group: it reports started at once (a dead issuer
     never blocks start-up), then connects, reads replies and reconnects forever. ``send`` may be
     called from many tasks at once; replies are matched by F11, in any order, and a reply is
-    taken only if it repeats the F2, F3, F4, F7 and F37 its request sent (specs/issuer.md).
+    taken only if it repeats the F3, F4, F7 and F37 its request sent (specs/issuer.md).
 
     A connection that drops while requests are in flight fails them with IssuerTimeout: they were
     written, so their outcome at the issuer is unknown and the caller must treat them like a
