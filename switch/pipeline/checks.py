@@ -68,10 +68,12 @@ def check_signed_on_and_mac(state: SwitchState, ctx: Context) -> None:
     assert terminal.mak is not None
     if isinstance(f64, bytes) and verify_mac(terminal.mak, ctx.request.mab, f64):
         terminal.mac_failures.clear()
+        ctx.mak = terminal.mak
         return
     if isinstance(f64, bytes) and refresh_terminal(state, terminal) and terminal.mak is not None \
             and verify_mac(terminal.mak, ctx.request.mab, f64):
         terminal.mac_failures.clear()  # the keys of a sign-on another process served
+        ctx.mak = terminal.mak
         return
     state.metrics.mac_failure()
     now = time.monotonic()
@@ -103,6 +105,22 @@ def refresh_terminal(state: SwitchState, terminal: Terminal) -> bool:
     terminal.key_mode, terminal.pik, terminal.mak, terminal.tdk = fresh.key_mode, fresh.pik, fresh.mak, fresh.tdk
     terminal.batch_no, terminal.batch_date = fresh.batch_no, fresh.batch_date
     return True
+
+
+def restore_terminal(state: SwitchState, terminal: Terminal) -> None:
+    """After a journal commit that failed: what the request changed in memory (keys, batch,
+    parameters version, activation) never reached the store; take the store's values back, unless
+    another change of this process to the terminal is still being committed."""
+    store = state.store
+    if store is None or terminal.keys_pending:
+        return
+    fresh = store.load_terminals("tid = ?", (terminal.tid,), reader=True).get(terminal.tid)
+    if fresh is None:
+        return
+    terminal.state, terminal.tmk = fresh.state, fresh.tmk
+    terminal.key_mode, terminal.pik, terminal.mak, terminal.tdk = fresh.key_mode, fresh.pik, fresh.mak, fresh.tdk
+    terminal.batch_no, terminal.batch_date = fresh.batch_no, fresh.batch_date
+    terminal.params_version = fresh.params_version
 
 
 def check_batch_and_day(state: SwitchState, ctx: Context) -> None:

@@ -106,6 +106,7 @@ class Context:
     terminal: Terminal | None = None
     merchant: Merchant | None = None
     f60: Field60 | None = None
+    mak: bytes | None = None  # the MAC key the request verified under: its response is MAC'd with it
     rc: ResultCode | None = None
     note: str | None = None
     resp: Fields = field(default_factory=dict)  # fields the handler adds to the response

@@ -94,15 +94,21 @@ def queue_advice(state: SwitchState, ctx: Context, issuer: str, mti: str, fields
 
 async def call(
     state: SwitchState, ctx: Context, issuer: str, mti: str, fields: Fields, *,
-    reverse_on_timeout: bool, pan: str | None = None,
+    reverse_on_timeout: bool, pan: str | None = None, write_ahead: bool | None = None,
 ) -> Fields | None:
     """Send one request; None when it failed (ctx carries 91 or 98). On a timeout of a reversible
-    request, a reversal is queued (and the journal row marked ``needs_reversal``)."""
+    request, a reversal is queued (and the journal row marked ``needs_reversal``).
+
+    ``write_ahead`` (default: ``reverse_on_timeout``) makes how to reverse the request durable
+    before it leaves: if the request's journal row is never committed (a crash, a failed commit)
+    it is reversed. Advices (refund, completion advice) are not reversed on a timeout, they are
+    delivered later, but they move money too and write ahead like the rest."""
     link = state.links.get(issuer)
     if link is None or not link.is_up:
         ctx.decline(ResultCode.ISSUER_UNAVAILABLE, f"issuer {issuer} link down")
         return None
-    if reverse_on_timeout and state.saf is not None and state.store is not None:
+    if (reverse_on_timeout if write_ahead is None else write_ahead) and state.saf is not None \
+            and state.store is not None:
         # write-ahead: how to reverse this request is durable before it leaves (see saf.py)
         link.stamp(fields)
         key = os.urandom(16).hex()  # 128 random bits, like uuid4 without its object
@@ -138,7 +144,12 @@ async def commit_and_deliver(state: SwitchState, ctx: Context, issuers: set[str]
     assert state.store is not None
     if ctx.store_ops:
         ops, ctx.store_ops = ctx.store_ops, []
-        await state.store.write(*ops)
+        # the state changes committed here (an original reversed, voided...) move the monthly
+        # limit now, not with the request's journal row, which may still fail to commit
+        deltas, ctx.limit_deltas = ctx.limit_deltas, []
+        limits = state.limits
+        await state.store.write(*ops, *limits.commit_ops(None, False, deltas))
+        limits.committed(None, False, deltas)
     if state.saf is not None:
         for issuer in sorted(issuers):
             await state.saf.deliver_due(issuer)

@@ -292,9 +292,10 @@ class TransactionManager:
         fields = self._response_fields(ctx)
         rc = ctx.rc or ResultCode.SYSTEM_ERROR
         mac = None
-        t = ctx.terminal
-        if rc is ResultCode.APPROVED and ctx.txn is not None and ctx.txn.mac and t is not None and t.mak:
-            mak = t.mak
+        # the key the request verified under, not the terminal's current one: a sign-off or a new
+        # sign-on served while this request was at its issuer must not leave its answer unsigned
+        mak = ctx.mak
+        if rc is ResultCode.APPROVED and ctx.txn is not None and ctx.txn.mac and mak is not None:
             mac = lambda mab: cup_mac(mak, mab)  # noqa: E731
         data = encode_response(state.codec, req, fields, self._digit6(ctx), mac)
         t1 = time.perf_counter()
@@ -392,8 +393,14 @@ class TransactionManager:
         ops.extend(limits.commit_ops(ctx.limit_reservation, approved, ctx.limit_deltas))
         if ctx.claimed and ctx.dup_key is not None and self.state.dup_claims is not None:
             ops.append(self.state.dup_claims.op_release(ctx.dup_key))  # the journal row answers now
+        changed = [terminal for _, terminal in ctx.ops]
         try:
             await store.write(*ops, store.op_journal(entry))
+        except StoreError:
+            _release_terminals(ctx)
+            for terminal in changed:  # memory moved ahead of a commit that failed
+                checks.restore_terminal(self.state, terminal)
+            raise
         finally:
             _release_terminals(ctx)  # committed (or failed): the store's row is the truth again
         if notify:

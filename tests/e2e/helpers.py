@@ -13,6 +13,7 @@ returns whether its condition became true); log or print a PIN or a full PAN.
 from __future__ import annotations
 
 import functools
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -251,3 +252,25 @@ def record_mtis(mock: MockIssuer) -> list[Received]:
 
     mock.handle = handle  # type: ignore[method-assign]
     return seen
+
+
+# ---- store faults -------------------------------------------------------------------------
+def fail_inserts(data_dir: Path, name: str, table: str, when: str = "1") -> None:
+    """A trigger making the switch's own inserts into ``table`` fail (as a full disk or an I/O
+    error would) for the rows matching ``when``."""
+    db = sqlite3.connect(data_dir / "switch.db")
+    try:
+        db.execute(f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {when}"
+                   " BEGIN SELECT RAISE(ABORT, 'injected write failure'); END")
+        db.commit()
+    finally:
+        db.close()
+
+
+def drop_trigger(data_dir: Path, name: str) -> None:
+    db = sqlite3.connect(data_dir / "switch.db")
+    try:
+        db.execute(f"DROP TRIGGER {name}")
+        db.commit()
+    finally:
+        db.close()

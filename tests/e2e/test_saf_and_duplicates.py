@@ -14,7 +14,6 @@ Every wait is a bounded poll on a condition; nothing asserts on elapsed time.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from switch.issuers.run import demo_mocks
 from switch.pos.client import Response, TerminalClient, TerminalError
 
 from .helpers import (
+    drop_trigger,
+    fail_inserts,
     ICBC_CARD,
     PIN,
     Received,
@@ -254,27 +255,6 @@ async def test_blackhole_reversal_restores_the_balance_exactly_once(tmp_path: Pa
         assert await wait_until(lambda: any(m.mti == "0401" and m.answered for m in seen), 5.0)
         assert icbc.balance_of(CARD) == before
         assert len(icbc.applied("reversal")) == 1
-
-
-def fail_inserts(data_dir: Path, name: str, table: str, when: str = "1") -> None:
-    """A trigger making the switch's own writes to ``table`` fail (as a full disk or an I/O error
-    would), for the rows matching ``when``."""
-    db = sqlite3.connect(data_dir / "switch.db")
-    try:
-        db.execute(f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {when}"
-                   " BEGIN SELECT RAISE(ABORT, 'injected write failure'); END")
-        db.commit()
-    finally:
-        db.close()
-
-
-def drop_trigger(data_dir: Path, name: str) -> None:
-    db = sqlite3.connect(data_dir / "switch.db")
-    try:
-        db.execute(f"DROP TRIGGER {name}")
-        db.commit()
-    finally:
-        db.close()
 
 
 async def test_a_journal_write_that_fails_leaves_no_answer_and_the_issuer_is_reversed(tmp_path: Path) -> None:
