@@ -399,7 +399,10 @@ class TransactionManager:
         except StoreError:
             _release_terminals(ctx)
             for terminal in changed:  # memory moved ahead of a commit that failed
-                checks.restore_terminal(self.state, terminal)
+                try:
+                    checks.restore_terminal(self.state, terminal)
+                except Exception:  # the store cannot be read either: the next refresh will
+                    log.exception("terminal %s could not be re-read after a failed commit", terminal.tid)
             raise
         finally:
             _release_terminals(ctx)  # committed (or failed): the store's row is the truth again
