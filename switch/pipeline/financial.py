@@ -100,7 +100,8 @@ async def authorize(state: SwitchState, ctx: Context) -> None:
     if pin_block is not None:
         out[52] = pin_block
     ctx.issuer_fields = out
-    reply = await issuer_leg.call(state, ctx, ctx.issuer, mti, out, reverse_on_timeout=txn.reversible)
+    reply = await issuer_leg.call(state, ctx, ctx.issuer, mti, out, reverse_on_timeout=txn.reversible,
+                                  write_ahead=txn.reversible)  # a balance inquiry moves no money
     if reply is None or not approve(state, ctx, reply):
         return
     if txn.name == "balance_inquiry":

@@ -94,21 +94,20 @@ def queue_advice(state: SwitchState, ctx: Context, issuer: str, mti: str, fields
 
 async def call(
     state: SwitchState, ctx: Context, issuer: str, mti: str, fields: Fields, *,
-    reverse_on_timeout: bool, pan: str | None = None, write_ahead: bool | None = None,
+    reverse_on_timeout: bool, pan: str | None = None, write_ahead: bool = True,
 ) -> Fields | None:
     """Send one request; None when it failed (ctx carries 91 or 98). On a timeout of a reversible
     request, a reversal is queued (and the journal row marked ``needs_reversal``).
 
-    ``write_ahead`` (default: ``reverse_on_timeout``) makes how to reverse the request durable
-    before it leaves: if the request's journal row is never committed (a crash, a failed commit)
-    it is reversed. Advices (refund, completion advice) are not reversed on a timeout, they are
-    delivered later, but they move money too and write ahead like the rest."""
+    ``write_ahead`` makes how to reverse the request durable before it leaves: if the request's
+    journal row is never committed (a crash, a failed commit) it is reversed. Every request that
+    moves money writes ahead, advices (refund, completion advice) too, which are not reversed on
+    a timeout but delivered later; only a balance inquiry does not."""
     link = state.links.get(issuer)
     if link is None or not link.is_up:
         ctx.decline(ResultCode.ISSUER_UNAVAILABLE, f"issuer {issuer} link down")
         return None
-    if (reverse_on_timeout if write_ahead is None else write_ahead) and state.saf is not None \
-            and state.store is not None:
+    if write_ahead and state.saf is not None and state.store is not None:
         # write-ahead: how to reverse this request is durable before it leaves (see saf.py)
         link.stamp(fields)
         key = os.urandom(16).hex()  # 128 random bits, like uuid4 without its object

@@ -69,7 +69,7 @@ async def pre_auth_follow_up(state: SwitchState, ctx: Context) -> None:
         out[52] = pin_block
     ctx.issuer_fields = out
     advice = txn.name == "completion_advice"
-    reply = await issuer_leg.call(state, ctx, issuer, mti, out, reverse_on_timeout=txn.reversible, write_ahead=True)
+    reply = await issuer_leg.call(state, ctx, issuer, mti, out, reverse_on_timeout=txn.reversible)
     if reply is None:
         if advice and ctx.rc in (ResultCode.ISSUER_UNAVAILABLE, ResultCode.ISSUER_TIMEOUT):
             ctx.note = f"completion advice queued for {issuer} ({ctx.rc.value})"

@@ -49,7 +49,7 @@ async def refund(state: SwitchState, ctx: Context) -> None:
     orig_mti = issuer_leg.ISSUER_MESSAGE[row["txn"]][0]
     out[90] = issuer_leg.f90(orig_mti, row["issuer_stan"], row["issuer_f7"], state.settings.acquirer_id)
     ctx.issuer_fields = out
-    reply = await issuer_leg.call(state, ctx, issuer, mti, out, reverse_on_timeout=False, write_ahead=True)
+    reply = await issuer_leg.call(state, ctx, issuer, mti, out, reverse_on_timeout=False)
     if reply is None:
         if ctx.rc in (ResultCode.ISSUER_UNAVAILABLE, ResultCode.ISSUER_TIMEOUT):
             # an advice: durably queued is as good as delivered for the terminal (§7)
