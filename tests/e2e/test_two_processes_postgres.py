@@ -62,13 +62,18 @@ async def two_switches(
     ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, dsn, icbc) for i in (0, 1)]
     procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
     procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
+    started = False
     try:
         wait_port(icbc)
         for p in ports:
             wait_port(p)
+        started = True
         yield ports
     finally:
         errs = [reap(p) for p in reversed(procs)]
+        if not started:  # say why: the switches' stderr is otherwise lost with the timeout
+            raise RuntimeError("a switch process did not start listening:\n"
+                               + "\n---\n".join(e.decode(errors="replace")[-1500:] for e in errs if e))
     for err in errs:
         assert b"Traceback" not in err, err.decode()[-1500:]
 
