@@ -217,6 +217,9 @@ class TcpIssuerLink:
     # ---- connection loop ------------------------------------------------------------------
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, read, reconnect, until cancelled. Reports started before the first connect."""
+        # the link's gauge exists from the start: an issuer that never answers a connect shows 0,
+        # not a missing series (an alert on "== 0" would never fire for it)
+        self._metrics.issuer_link_state(self.name, False)
         task_status.started()
         delay = self._reconnect_delay
         loop = asyncio.get_running_loop()
@@ -311,7 +314,7 @@ class TcpIssuerLink:
         outcome = "error"
         try:
             reply = await self._send(mti, fields, timeout)
-            outcome = "ok"
+            outcome = "answered"
             return reply
         except IssuerUnavailable:
             outcome = "unavailable"

@@ -135,7 +135,8 @@ class PrometheusMetrics:
     - ``switch_request_duration_seconds``, histogram, ``transaction``: end-to-end time from a
       decoded request to its encoded response.
     - ``switch_issuer_request_duration_seconds``, histogram, ``issuer``, ``outcome``: time of one
-      issuer round trip; outcome is ``answered``, ``timeout`` or ``unavailable``.
+      issuer round trip; outcome is ``answered``, ``timeout``, ``unavailable`` or ``error`` (any
+      other failure, e.g. a request the issuer codec cannot encode).
     - ``switch_issuer_requests_total``, counter, ``issuer``, ``outcome``: issuer round trips.
     - ``switch_issuer_link_up``, gauge, ``issuer``: 1 while the link to the issuer is up, else 0.
     - ``switch_issuer_late_replies_total``, counter, ``issuer``: issuer replies that arrived after

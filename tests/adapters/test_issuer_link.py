@@ -110,7 +110,7 @@ def test_links_satisfy_the_port() -> None:
     assert [link.name for link in links] == ["ICBC", "ICBC"]
 
 
-async def test_send_assigns_stan_and_f7_and_reports_ok() -> None:
+async def test_send_assigns_stan_and_f7_and_reports_answered() -> None:
     metrics = RecordingMetrics()
     async with linked(mock_from_demo(demo_issuers()["ICBC"]), metrics) as (link, _):
         fields = consume(RICH, 100)
@@ -121,8 +121,8 @@ async def test_send_assigns_stan_and_f7_and_reports_ok() -> None:
     assert re.fullmatch(r"\d{6}", str(fields[11])) and reply[11] == fields[11]
     assert re.fullmatch(r"\d{10}", str(fields[7])) and reply[7] == fields[7]
     assert (reply2[11], reply2[7]) == ("123456", "0101000000")  # the caller's own F11/F7 are kept
-    assert metrics.requests == [("ICBC", "ok"), ("ICBC", "ok")]
-    assert metrics.states[0] == ("ICBC", True)
+    assert metrics.requests == [("ICBC", "answered"), ("ICBC", "answered")]
+    assert metrics.states[:2] == [("ICBC", False), ("ICBC", True)]  # down until connected
 
 
 async def test_many_concurrent_sends_matched_by_stan_out_of_order() -> None:
@@ -192,6 +192,7 @@ async def test_closed_port_never_blocks_run_and_connects_once_the_issuer_listens
         with pytest.raises(IssuerUnavailable):
             await link.send("0200", consume(RICH, 1), timeout=WAIT)
         assert metrics.requests == [("BOC", "unavailable")]
+        assert metrics.states == [("BOC", False)]  # the gauge reads 0, not missing, before any connect
         assert not await link.wait_up(0.05)
         await tg.start(mock_from_demo(demo_issuers()["ICBC"]).serve, "127.0.0.1", port)
         assert await link.wait_up(WAIT)
@@ -211,14 +212,14 @@ async def test_reconnects_after_the_issuer_restarts() -> None:
             assert await link.wait_up(WAIT)
             assert (await link.send("0200", consume(RICH, 1), timeout=WAIT))[1][39] == "00"
             server.cancel_scope.cancel()
-        await metrics.wait_until(lambda: ("ICBC", False) in metrics.states)
+        await metrics.wait_until(lambda: ("ICBC", False) in metrics.states[2:])
         with pytest.raises(IssuerUnavailable):
             await link.send("0200", consume(RICH, 1), timeout=WAIT)
         await tg.start(mock.serve, "127.0.0.1", port)
         assert await link.wait_up(WAIT)
         assert (await link.send("0200", consume(RICH, 2), timeout=WAIT))[1][39] == "00"
         tg.cancel_scope.cancel()
-    assert metrics.states == [("ICBC", True), ("ICBC", False), ("ICBC", True), ("ICBC", False)]
+    assert metrics.states == [("ICBC", False), ("ICBC", True), ("ICBC", False), ("ICBC", True), ("ICBC", False)]
     assert mock.balance_of(RICH) == 100_000_000 - 3
 
 
@@ -286,7 +287,7 @@ async def test_garbage_and_unknown_stan_replies_are_counted_and_the_link_survive
         await metrics.wait_until(lambda: len(metrics.late) == 2)
         assert (first[0], first[1][39], second[1][39]) == ("0210", "00", "00")
         assert metrics.malformed == ["issuer", "issuer"]
-        assert metrics.states == [("ROGUE", True)]  # never dropped
+        assert metrics.states == [("ROGUE", False), ("ROGUE", True)]  # never dropped
 
 
 async def test_a_reply_repeating_other_values_than_its_request_is_not_taken() -> None:
@@ -318,7 +319,7 @@ async def test_a_reply_repeating_other_values_than_its_request_is_not_taken() ->
         with pytest.raises(IssuerTimeout):
             await link.send("0200", consume(RICH, 251), timeout=0.5)
         assert metrics.malformed == ["issuer", "issuer"]
-        assert metrics.states == [("ROGUE", True)]
+        assert metrics.states == [("ROGUE", False), ("ROGUE", True)]
 
 
 async def test_oversized_frame_drops_the_connection_and_the_link_reconnects() -> None:
@@ -339,8 +340,8 @@ async def test_oversized_frame_drops_the_connection_and_the_link_reconnects() ->
                 await stream.receive()  # until the link closes
 
     async with rogue_linked(server, metrics, "BIG") as link:
-        await metrics.wait_until(lambda: len(metrics.states) >= 3)
-        assert metrics.states[:3] == [("BIG", True), ("BIG", False), ("BIG", True)]
+        await metrics.wait_until(lambda: len(metrics.states) >= 4)
+        assert metrics.states[:4] == [("BIG", False), ("BIG", True), ("BIG", False), ("BIG", True)]
         assert metrics.malformed == ["issuer"]
         assert (await link.send("0800", {}, timeout=WAIT))[1][39] == "00"
 

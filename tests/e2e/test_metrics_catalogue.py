@@ -72,6 +72,13 @@ async def test_catalogue_after_scripted_traffic(demo: DemoSwitch) -> None:
         assert any(labels <= set(l) for l in got[name]), f"{name} lacks labels {labels}: {got[name][:3]}"
     assert {"checks", "handler", "respond", "journal"} <= {l["stage"] for l in got["switch_pipeline_stage_seconds_bucket"]}
     assert {"resent"} <= {l["outcome"] for l in got["switch_duplicates_total"]}
+    # the outcome the dashboard's issuer latency panel selects (it stayed empty while the link said "ok")
+    assert {l["outcome"] for l in got["switch_issuer_requests_total"]} == {"answered"}
+    # every routed issuer has a link gauge, BOC (a route with no listener, §14) too, at 0
+    link_up = {s.labels["issuer"]: s.value for f in text_string_to_metric_families(demo.metrics_text())
+               for s in f.samples if s.name == "switch_issuer_link_up"}
+    assert {"ICBC", "CMB", "BOC"} <= set(link_up), sorted(link_up)
+    assert (link_up["BOC"], link_up["ICBC"]) == (0.0, 1.0)
 
 
 def test_health_endpoints(demo: DemoSwitch) -> None:
