@@ -36,7 +36,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --full
 
-## make bench-quick: a ~30-second run ending with the one-line summary a release check reads
+## make bench-quick: a ~45-second run ending with the one-line summary a release check reads
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
 

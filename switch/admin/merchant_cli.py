@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--monthly-limit", help="CNY (micro: 300000.00 and never above; enterprise: 5000000.00)")
     add.add_argument("--mid", help="use this MID instead of generating one")
 
+    # listed for --help only: main() hands "set-password" to switch/portal before parsing
+    sub.add_parser("set-password", help="Set the merchant's portal password (stdin); "
+                   "switch merchant set-password --help for its options.")
+
     show = command("show", "Show a merchant (ID card and account masked) and its terminals.")
     show.add_argument("mid")
     show.add_argument("--json", action="store_true")

@@ -129,6 +129,10 @@ def test_usage_errors_exit_2_without_raising(capsys: pytest.CaptureFixture[str],
     assert code == 2 and "invalid choice" in err
     code, out, err = run(capsys, "terminal", "--help")
     assert code == 0 and "new-code" in out
+    code, out, err = run(capsys, "merchant", "--help")  # every action, the portal password's too
+    assert code == 0 and all(a in out for a in ("add", "show", "webhook", "upgrade", "set-password"))
+    code, out, err = run(capsys, "merchant", "set-password", "--help")
+    assert code == 0 and "--password" in out
 
 
 def test_sensitive_values_from_stdin(
