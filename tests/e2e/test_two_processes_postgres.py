@@ -5,7 +5,8 @@ purchase is approved, the other gets 61, and the usage the database keeps is the
 
 from __future__ import annotations
 
-import subprocess
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,24 +21,33 @@ from switch.app import load_master_key, seed_demo
 from switch.demo_fixture import TERMINALS_BY_TID
 from switch.pos.client import TerminalClient
 
-from procs import free_port, reap, spawn, wait_port
+from procs import StartError, Watched
 from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.postgres]
+# three processes start per test: room for a loaded machine beyond the 60 s default, still bounded
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(180)]
 
 CARD = "6222029375642931684"
 M1 = "898310048990001"
 
 
-def config(path: Path, data: Path, dsn: str, icbc: int) -> int:
-    port = free_port()
+# what the processes log once they listen (on stderr, text or JSON): the ports they bound
+ISSUER_LISTENING = re.compile(r"mock issuer ICBC listening on 127\.0\.0\.1:(\d+)")
+SWITCH_READY = re.compile(r"switch ready: terminal port (\d+), metrics port (\d+)")
+# for the issuer and both switches together: ~1 s on an idle 2-core machine, a few seconds with
+# both cores busy; a bound that a loaded machine does not reach and a hang still does
+START_TIMEOUT_S = 60.0
+
+
+def config(path: Path, data: Path, dsn: str, icbc: int) -> None:
+    """Port 0 everywhere: each process binds a free port itself and logs it (ports picked here
+    and bound later by the process could be taken in between by anything on the host)."""
     path.write_text(
-        f'[switch]\nport = {port}\nmetrics_port = {free_port()}\nadmin_port = 0\nportal_port = 0\n'
-        f'data_dir = "{data}"\nlog_format = "text"\n[store]\ndsn = "{dsn}"\n'
+        f'[switch]\nport = 0\nmetrics_port = 0\nadmin_port = 0\nportal_port = 0\n'
+        f'data_dir = "{data}"\nlog_format = "text"\nlog_level = "INFO"\n[store]\ndsn = "{dsn}"\n'
         f'[[issuers]]\nname = "ICBC"\nport = {icbc}\nprefixes = ["622202"]\n',
         encoding="utf-8",
     )
-    return port
 
 
 @asynccontextmanager
@@ -46,8 +56,9 @@ async def two_switches(
     before_start: Callable[[SqliteStore], None] | None = None,
 ) -> AsyncIterator[list[int]]:
     """ICBC and two `switch serve` processes on one seeded database (``before_start`` may add to
-    it); yields their terminal ports and checks on the way out that neither process printed a
-    traceback."""
+    it); yields their terminal ports and checks on the way out that neither switch printed a
+    traceback. A process that does not start (exits, or says nothing within START_TIMEOUT_S)
+    fails the test with what every process wrote to stderr."""
     store = open_store_for(dsn, load_master_key(tmp_path, create=True))
     try:
         seed_demo(store)
@@ -58,24 +69,26 @@ async def two_switches(
     if limit_fen is not None:
         with psycopg.connect(dsn, autocommit=True) as db:
             db.execute("UPDATE merchants SET monthly_limit_fen = %s WHERE mid = %s", (limit_fen, M1))
-    icbc = free_port()
-    ports = [config(tmp_path / f"switch-{i}.toml", tmp_path, dsn, icbc) for i in (0, 1)]
-    procs = [spawn("issuer", "--name", "ICBC", "--port", str(icbc))]
-    procs += [spawn("serve", "--config", str(tmp_path / f"switch-{i}.toml"), stderr=subprocess.PIPE) for i in (0, 1)]
-    started = False
+    deadline = time.monotonic() + START_TIMEOUT_S
+    procs = [Watched("issuer ICBC", "issuer", "--name", "ICBC", "--port", "0")]
+    switches: list[Watched] = []
     try:
-        wait_port(icbc)
-        for p in ports:
-            wait_port(p)
-        started = True
+        try:
+            icbc = int(procs[0].wait_for(ISSUER_LISTENING, deadline).group(1))
+            for i in (0, 1):
+                config(tmp_path / f"switch-{i}.toml", tmp_path, dsn, icbc)
+                switches.append(Watched(f"switch {i}", "serve", "--config", str(tmp_path / f"switch-{i}.toml")))
+                procs.append(switches[-1])
+            ports = [int(sw.wait_for(SWITCH_READY, deadline).group(1)) for sw in switches]
+        except StartError as exc:
+            outputs = [f"--- {p.name} (pid {p.proc.pid}):\n{p.stop()[-2000:]}" for p in reversed(procs)]
+            procs = []
+            raise AssertionError(f"a process did not start: {exc}\n" + "\n".join(outputs)) from None
         yield ports
     finally:
-        errs = [reap(p) for p in reversed(procs)]
-        if not started:  # say why: the switches' stderr is otherwise lost with the timeout
-            raise RuntimeError("a switch process did not start listening:\n"
-                               + "\n---\n".join(e.decode(errors="replace")[-1500:] for e in errs if e))
-    for err in errs:
-        assert b"Traceback" not in err, err.decode()[-1500:]
+        errs = {p.name: p.stop() for p in reversed(procs)}
+    for sw in switches:
+        assert "Traceback" not in errs[sw.name], f"{sw.name}:\n{errs[sw.name][-1500:]}"
 
 
 async def test_two_processes_race_for_the_last_headroom(tmp_path: Path, pg_database: str) -> None:  # noqa: F811

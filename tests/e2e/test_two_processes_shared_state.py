@@ -28,7 +28,8 @@ from switch.ports import NullMetrics
 from tests.adapters.pg_cluster import pg_cluster, pg_database  # noqa: F401  (fixtures)
 from tests.e2e.test_two_processes_postgres import two_switches
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.postgres]
+# three processes start per test (two_switches): room for a loaded machine beyond the 60 s default
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(180)]
 
 CARD = "6222029375642931684"
 RIGHT_CODE = "48213579"  # 20000002's one-time code (§14)
