@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from switch.adapters.sqlite_store import Op
 
 WAIT_LIMIT = 120.0  # a copy never waits longer than this for the first (bounded by issuer timeouts)
+CLAIM_ATTEMPTS = 5  # a claim met, then found released, is tried again this many times in all
 
 
 def dup_key(ctx: Context) -> str | None:
@@ -82,6 +83,12 @@ async def check_duplicate(state: SwitchState, ctx: Context) -> None:
             if anyio.current_time() > deadline:
                 ctx.decline(ResultCode.SYSTEM_ERROR, "duplicate still in flight on another process")
                 return
+        # The holder releases the key in its journal commit: if that happened between our last
+        # look at the journal and the claim, the answer is there now and nobody else can take the
+        # key, so look once more (else the copy would reach the issuer a second time).
+        if _answered(state, ctx, key, digest):
+            claims.release(key)
+            return
         ctx.claimed = True
     state.inflight[key] = InFlight(digest)
     ctx.dup_key = key
@@ -121,20 +128,29 @@ class DatabaseClaims:
         return self._conn
 
     def claim(self, key: str, digest: str) -> str | None:
-        """None when the key is now ours; else the digest of the request holding it."""
+        """None when the key is now ours; else the digest of the request holding it.
+
+        The holder may release the key (its journal commit) between our insert, which met its
+        claim, and our read of the holder's digest: the key is free then, so claim it again
+        rather than report a holder that is gone (a copy of the same bytes was answered 94)."""
         conn = self._db()
-        now = self.clock()
-        with conn.transaction():
-            conn.execute("DELETE FROM dup_claims WHERE dup_key = %s AND created_at < %s",
-                         (key, now - self.stale_after))
-            got = conn.execute(
-                "INSERT INTO dup_claims (dup_key, digest, created_at) VALUES (%s, %s, %s)"
-                " ON CONFLICT DO NOTHING RETURNING 1", (key, digest, now),
-            ).fetchone()
-            if got is not None:
-                return None
-            row = conn.execute("SELECT digest FROM dup_claims WHERE dup_key = %s", (key,)).fetchone()
-        return str(row[0]) if row else ""
+        for _ in range(CLAIM_ATTEMPTS):
+            now = self.clock()
+            with conn.transaction():
+                conn.execute("DELETE FROM dup_claims WHERE dup_key = %s AND created_at < %s",
+                             (key, now - self.stale_after))
+                got = conn.execute(
+                    "INSERT INTO dup_claims (dup_key, digest, created_at) VALUES (%s, %s, %s)"
+                    " ON CONFLICT DO NOTHING RETURNING 1", (key, digest, now),
+                ).fetchone()
+                if got is not None:
+                    return None
+                row = conn.execute("SELECT digest FROM dup_claims WHERE dup_key = %s", (key,)).fetchone()
+            if row is not None:
+                return str(row[0])
+        # claimed and released again at every attempt: some holder keeps finishing the same key;
+        # "" is no request's digest, so the caller answers 94 rather than process it once more
+        return ""
 
     def close(self) -> None:
         if self._conn is not None:

@@ -43,3 +43,51 @@ def check(claims: DatabaseClaims, prefix: str, now: list[float]) -> None:
     assert claims.held(prefix, BATCH_MTIS)
     now[0] += 61.0  # its process died: the claim is stale, nobody will finish it
     assert not claims.held(prefix, BATCH_MTIS)
+
+
+class _ReleasedBeforeRead:
+    """A connection on which the holder of the key releases it (commits its journal row, another
+    process) right after our insert met its claim and before we read the holder's digest."""
+
+    def __init__(self, conn: psycopg.Connection, other: psycopg.Connection, key: str) -> None:
+        self._conn, self._other, self._key = conn, other, key
+        self.releases = 0
+
+    def transaction(self) -> object:
+        return self._conn.transaction()
+
+    def execute(self, sql: str, args: tuple[object, ...] = ()) -> object:
+        if sql.startswith("SELECT digest") and self.releases == 0:
+            self._other.execute("DELETE FROM dup_claims WHERE dup_key = %s", (self._key,))
+            self.releases += 1
+        return self._conn.execute(sql, args)
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def test_a_claim_released_while_we_look_is_taken_not_reported_as_a_holder(pg_database: str) -> None:  # noqa: F811
+    """Two processes got the same request (the same bytes): the first's journal commit released
+    the key just after the second's insert met its claim. The key is free: the second claims it
+    (and then finds the journal row, see check_duplicate) instead of answering 94 for a holder
+    that is gone. Seen under load in the two-process settlement test: ['00', '94']."""
+    key = "10000001|000001|000007|0500"
+    with psycopg.connect(pg_database, autocommit=True) as db:
+        db.execute("CREATE TABLE dup_claims (dup_key TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+                   " created_at DOUBLE PRECISION NOT NULL)")
+        db.execute("INSERT INTO dup_claims VALUES (%s, 'same-bytes', 1000.0)", (key,))
+        other = psycopg.connect(pg_database, autocommit=True)
+        racing = _ReleasedBeforeRead(psycopg.connect(pg_database, autocommit=True), other, key)
+        claims = DatabaseClaims(lambda: racing, stale_after=60.0, clock=lambda: 1_001.0)
+        try:
+            assert claims.claim(key, "same-bytes") is None
+            assert racing.releases == 1
+            held = db.execute("SELECT digest FROM dup_claims WHERE dup_key = %s", (key,)).fetchall()
+            assert held == [("same-bytes",)]
+        finally:
+            claims.close()
+            other.close()
