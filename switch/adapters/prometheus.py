@@ -143,7 +143,8 @@ class PrometheusMetrics:
       their request had timed out (or matched no request in flight).
     - ``switch_connections_open``, gauge, no labels: terminal connections currently open.
     - ``switch_connections_closed_total``, counter, ``reason``: terminal connections closed, by
-      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``short_frame``, ``frame_too_large``,
+      reason (``peer``, ``idle_timeout``, ``read_timeout``, ``write_timeout``: the peer read none
+      of its answers for ``read_timeout``, ``short_frame``, ``frame_too_large``,
       ``protocol``: a frame closed at §12.1 step 1, ``internal_error``, ``max_connections``,
       ``shutdown``).
     - ``switch_malformed_frames_total``, counter, ``reason``: frames that could not be decoded

@@ -5,7 +5,11 @@ ready (several in flight per connection, answered in any order).
 Timeouts: a connection with no partial frame is closed after ``idle_timeout``; one stalled
 mid-frame (no byte for ``read_timeout``) is closed, and so is a frame still incomplete after
 ``max(idle_timeout, read_timeout)`` however it trickles in (a slowloris holds a connection no
-longer than an idle terminal does); a LEN above ``max_frame`` closes at once. Every close is
+longer than an idle terminal does); a LEN above ``max_frame`` closes at once; a peer that reads
+none of its answers for ``read_timeout`` while they fill the transport's buffer is aborted
+(``write_timeout``: a terminal sends one request at a time and reads each answer, so only a
+broken or hostile peer lets answers pile up, and it must not hold its slots and descriptor for
+ever: handlers waiting to write keep the idle timer from firing). Every close is
 logged and counted by reason. Graceful shutdown: stop accepting, stop reading, let in-flight
 requests finish and send their answers (bounded by ``drain_timeout``).
 
@@ -141,6 +145,7 @@ class _Connection(asyncio.Protocol):
         self.frame_started = 0.0
         self.drain_timer: asyncio.TimerHandle | None = None
         self.write_ready: asyncio.Future[None] | None = None  # set while the peer is not reading
+        self.write_timer: asyncio.TimerHandle | None = None  # runs while write_ready is pending
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,10 +186,27 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.write_ready is None or self.write_ready.done():
             self.write_ready = self.loop.create_future()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(self.settings.read_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
         if self.write_ready is not None and not self.write_ready.done():
             self.write_ready.set_result(None)
+
+    def _write_stalled(self) -> None:
+        """The peer has read nothing for ``read_timeout`` while our answers filled the buffer:
+        abort (the queued answers are dropped; their journal rows are written). Handlers waiting
+        to write wake up to a closing transport; those still running finish and answer nobody."""
+        self.write_timer = None
+        transport = self.transport
+        if self.done or transport is None or transport.is_closing():
+            return
+        log.warning("terminal connection from %s reads none of its answers: aborted", self.reader.peer or "?")
+        self._finish("write_timeout", override=True)
+        transport.abort()
 
     # ---- frames ----------------------------------------------------------------------------
     def _dispatch(self) -> bool:
@@ -332,7 +354,7 @@ class _Connection(asyncio.Protocol):
         if self.done:
             return
         self.done = True
-        for handle in (self.timer, self.drain_timer):
+        for handle in (self.timer, self.drain_timer, self.write_timer):
             if handle is not None:
                 handle.cancel()
         if self.transport is not None:

@@ -214,12 +214,12 @@ def _metric_sum(text: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-@pytest.mark.xfail(strict=True, reason="terminal_server: answers waiting on write_ready keep a connection whose "
-                   "peer never reads open forever (the idle timer re-arms while tasks exist; no write timeout)")
-async def test_terminal_peer_that_never_reads_keeps_its_connection_forever(tmp_path: Path) -> None:
+async def test_terminal_peer_that_never_reads_is_aborted(tmp_path: Path) -> None:
     """An unauthenticated peer: unknown TID, no keys. It pipelines requests on one connection and
-    never reads; once the switch's send buffers are full its 32 handlers wait on the write side
-    for ever and the connection outlives idle_timeout (1 s here) indefinitely."""
+    never reads; once the switch's send buffers are full its 32 handlers wait on the write side.
+    Found: they waited for ever, and the connection outlived idle_timeout (1 s here) indefinitely.
+    Now the connection is aborted after read_timeout (1 s here) without a read, counted as
+    write_timeout."""
     cfg = AppConfig(data_dir=tmp_path, port=0, metrics_port=0, admin_port=None, portal_port=None,
                     idle_timeout=1.0, read_timeout=1.0)
     master = load_master_key(tmp_path, create=True)
@@ -262,6 +262,8 @@ async def test_terminal_peer_that_never_reads_keeps_its_connection_forever(tmp_p
                     open_now = _metric_sum(text, "switch_connections_open")
                     assert open_now == 0, (f"{last:.0f} answers written, then nothing read for 5 s: the connection "
                                            f"is still open (idle_timeout 1 s)")
+                    closed = _metric_sum(text, 'switch_connections_closed_total{reason="write_timeout"}')
+                    assert closed == 1
                 finally:
                     running.shutdown()
     finally:
