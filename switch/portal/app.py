@@ -16,6 +16,7 @@ session id, token, webhook secret or full card number.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -30,8 +31,10 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import h11
 import jinja2
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -451,6 +454,75 @@ def create_app(
     return app
 
 
+# Bounds uvicorn does not have (security review I): idle half-requests were held for ever, each
+# one a file descriptor of the switch process, until the terminal port could not accept.
+REQUEST_TIMEOUT = 10.0  # seconds from connecting (or the last response) to a whole request
+MAX_CONNECTIONS = 128  # portal connections at once; at most a quarter of the process's descriptors
+
+
+def _connection_cap() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not on Linux
+        return MAX_CONNECTIONS
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else min(MAX_CONNECTIONS, max(8, soft // 4))
+
+
+class _BoundedH11(H11Protocol):
+    """uvicorn's h11 protocol with the two bounds it lacks: a connection beyond ``max_connections``
+    is closed as it is accepted, and one that has not sent a whole request (head and body) within
+    ``REQUEST_TIMEOUT`` of connecting or of its previous response is closed (uvicorn times out
+    only keep-alive connections that send nothing at all)."""
+
+    max_connections = MAX_CONNECTIONS
+    _refused = False
+    _request_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refused = True
+            log.warning("merchant portal: %d connections open, refusing one", len(self.connections))
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._watch_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_request_timer()
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+        self._watch_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_request()
+
+    def _watch_request(self) -> None:
+        """Run the timer while a request is awaited or arriving, not while it is answered."""
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            if self._request_timer is None:
+                self._request_timer = self.loop.call_later(REQUEST_TIMEOUT, self._request_timed_out)
+        else:
+            self._stop_request_timer()
+
+    def _stop_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+    def _request_timed_out(self) -> None:
+        self._request_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: the switch's task group owns SIGTERM / SIGINT."""
 
@@ -479,9 +551,10 @@ async def serve_portal(
         sock.listen(128)
         sock.setblocking(False)
         bound = int(sock.getsockname()[1])
+        protocol = type("PortalH11", (_BoundedH11,), {"max_connections": _connection_cap()})
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, server_header=False,
-            timeout_graceful_shutdown=5, proxy_headers=False, http="h11",
+            timeout_graceful_shutdown=5, proxy_headers=False, http=protocol,
         )
         server = _Server(config)
         async with anyio.create_task_group() as tg:

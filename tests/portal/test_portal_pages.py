@@ -313,3 +313,50 @@ async def test_serve_portal_over_tcp_and_stops_on_cancel(portal: Portal) -> None
     with pytest.raises(OSError):
         async with await anyio.connect_tcp("127.0.0.1", port):
             pass
+
+
+async def test_serve_portal_closes_slow_requests_and_caps_connections(
+    portal: Portal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounds uvicorn lacks (security review I): a connection that has not sent a whole
+    request within REQUEST_TIMEOUT (of connecting, or of its previous answer) is closed, a head
+    or a body trickling in included; a keep-alive connection that asks in time is answered; a
+    connection beyond the cap is closed as it is accepted. Real TCP, the real uvicorn server."""
+    from switch.portal import app as portal_app
+
+    monkeypatch.setattr(portal_app, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(portal_app, "MAX_CONNECTIONS", 3)
+
+    async def closed_within(stream: anyio.abc.SocketStream, seconds: float) -> bytes | None:
+        """What the server sent before closing, or None if it kept the connection ``seconds``."""
+        got = b""
+        with anyio.move_on_after(seconds):
+            try:
+                while True:
+                    got += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return got
+        return None
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(lambda task_status: serve_portal(
+            portal.store, "127.0.0.1", 0, task_status=task_status))
+        async with await anyio.connect_tcp("127.0.0.1", port) as half_head:
+            await half_head.send(b"GET /login HT")
+            assert await closed_within(half_head, 3.0) == b""
+        async with await anyio.connect_tcp("127.0.0.1", port) as slow_body:
+            await slow_body.send(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nmid=1")
+            assert await closed_within(slow_body, 3.0) is not None  # closed (the app may have answered 4xx)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(3):  # one keep-alive connection, each request in time: answered
+                assert (await client.get("/login")).status_code == 200
+                await anyio.sleep(0.3)
+        held = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(3)]
+        try:
+            async with await anyio.connect_tcp("127.0.0.1", port) as fourth:
+                await fourth.send(b"GET /login HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert await closed_within(fourth, 3.0) == b""  # refused unanswered: three are open
+        finally:
+            for s in held:
+                await s.aclose()
+        tg.cancel_scope.cancel()
