@@ -181,6 +181,12 @@ MIGRATIONS: list[str] = [
 ]
 
 
+def legacy_code_hash(code: str) -> str:
+    """How activation codes were kept before ``code_token`` (an unkeyed SHA-256): still looked up,
+    so a code issued by an older version works for the rest of its 24 hours."""
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -566,7 +572,7 @@ class SqliteStore:
         )
 
     def add_terminal(self, t: Terminal, activation_code: str | None = None, expires: float | None = None) -> None:
-        code_hash = hashlib.sha256(activation_code.encode()).hexdigest() if activation_code else None
+        code_hash = self.code_token(activation_code) if activation_code else None
         self.db.execute(
             "INSERT INTO terminals (tid, mid, role, main_tid, state, tmk, batch_no, params_version,"
             " activation_code_hash, activation_expires) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -584,6 +590,14 @@ class SqliteStore:
     def pan_token(self, pan: str) -> str:
         """A keyed hash of the PAN: lets later lookups match a card without storing it."""
         return hmac.digest(self._pan_key, pan.encode(), "sha256").hex()[:32]
+
+    def code_token(self, code: str) -> str:
+        """How an activation code is kept (``terminals.activation_code_hash``) and named in its
+        request's duplicate key: ``k1:`` + HMAC-SHA-256 under a key derived from the token key
+        (which is wrapped by the master key). An 8-digit code has 10**8 values: an unkeyed hash
+        of it is reversed offline in about a minute (security review I)."""
+        key = hmac.digest(self._pan_key, b"activation code token", "sha256")
+        return "k1:" + hmac.digest(key, code.encode(), "sha256").hex()
 
     # ---- ops for the writer -----------------------------------------------------------------
     def op_journal(self, entry: JournalEntry) -> Op:

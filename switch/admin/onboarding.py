@@ -16,7 +16,6 @@ keys or the journal; know anything of the wire.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import secrets
@@ -28,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from switch.adapters.sqlite_store import SqliteStore
+from switch.adapters.sqlite_store import SqliteStore, legacy_code_hash
 from switch.admin import bump_change_seq
 from switch.domain.money import DEFAULT_FEE_RATE
 
@@ -213,10 +212,6 @@ def _utc(now: datetime | None) -> datetime:
     if now.tzinfo is None:
         raise OnboardingError("now must be timezone-aware")
     return now.astimezone(UTC)
-
-
-def _code_hash(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()
 
 
 # ---- transactions --------------------------------------------------------------------------
@@ -418,14 +413,15 @@ def show_merchant(store: SqliteStore, mid: str) -> MerchantView:
 
 
 # ---- terminals -----------------------------------------------------------------------------
-def _new_code(db: sqlite3.Connection, now: datetime) -> tuple[str, str]:
-    """8 random digits whose hash no other live code has (activation finds the terminal by it)."""
+def _new_code(store: SqliteStore, db: sqlite3.Connection, now: datetime) -> tuple[str, str]:
+    """8 random digits no other live code has (activation finds the terminal by the code's token,
+    ``store.code_token``; a code issued by an older version is kept as ``legacy_code_hash``)."""
     for _ in range(_GENERATE_ATTEMPTS):
         code = f"{secrets.randbelow(10**8):08d}"
-        digest = _code_hash(code)
+        digest = store.code_token(code)
         clash = db.execute(
-            "SELECT 1 FROM terminals WHERE activation_code_hash = ? AND activation_expires > ?",
-            (digest, now.timestamp()),
+            "SELECT 1 FROM terminals WHERE activation_code_hash IN (?, ?) AND activation_expires > ?",
+            (digest, legacy_code_hash(code), now.timestamp()),
         ).fetchone()
         if clash is None:
             return code, digest
@@ -486,7 +482,7 @@ def add_terminal(
             tid = _unique_number(db, "SELECT 1 FROM terminals WHERE tid = ?", 10**7, 10**8, "TID")
         elif db.execute("SELECT 1 FROM terminals WHERE tid = ?", (tid,)).fetchone() is not None:
             raise OnboardingError(f"terminal {tid} already exists")
-        code, digest = _new_code(db, at)
+        code, digest = _new_code(store, db, at)
         seq = bump_change_seq(store)
         db.execute(
             "INSERT INTO terminals (tid, mid, role, main_tid, state, device_serial,"
@@ -506,7 +502,7 @@ def new_activation_code(store: SqliteStore, tid: str, *, now: datetime | None = 
         row = _terminal_row(db, tid)
         if row["state"] != "awaiting_activation":
             raise OnboardingError(f"terminal {tid} is {row['state']}, not awaiting activation")
-        code, digest = _new_code(db, at)
+        code, digest = _new_code(store, db, at)
         seq = bump_change_seq(store)
         db.execute(
             "UPDATE terminals SET activation_code_hash = ?, activation_expires = ?, change_seq = ?"

@@ -16,13 +16,12 @@ in the store, so two processes answering at the same moment cannot both let a si
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
 from datetime import timezone
 from typing import TYPE_CHECKING, Callable
 
-from switch.adapters.sqlite_store import next_change_seq
+from switch.adapters.sqlite_store import legacy_code_hash, next_change_seq
 from switch.crypto.activation import ActivationKeyError, wrap_tmk_for_terminal
 from switch.crypto.des import generate_key
 from switch.domain.codes import ResultCode
@@ -75,8 +74,8 @@ def activate(state: SwitchState, ctx: Context) -> None:
     if len(head) == 8 and head.isdigit():
         rows = state.store.query(
             "SELECT t.tid, t.mid, t.role, t.main_tid, t.state, t.activation_expires, m.state AS merchant_state,"
-            " m.shop_name FROM terminals t JOIN merchants m ON m.mid = t.mid WHERE t.activation_code_hash = ?",
-            (hashlib.sha256(head).hexdigest(),),
+            " m.shop_name FROM terminals t JOIN merchants m ON m.mid = t.mid WHERE t.activation_code_hash IN (?, ?)",
+            (state.store.code_token(head.decode()), legacy_code_hash(head.decode())),
         )
         row = rows[0] if rows else None
     if row is None or row["state"] != "awaiting_activation" or (row["activation_expires"] or 0) < time.time():

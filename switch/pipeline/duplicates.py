@@ -27,7 +27,7 @@ WAIT_LIMIT = 120.0  # a copy never waits longer than this for the first (bounded
 CLAIM_ATTEMPTS = 5  # a claim met, then found released, is tried again this many times in all
 
 
-def dup_key(ctx: Context) -> str | None:
+def dup_key(state: SwitchState, ctx: Context) -> str | None:
     req = ctx.request
     if not req.stan:
         return None  # an echo test may come without F11: nothing to match it on
@@ -35,14 +35,16 @@ def dup_key(ctx: Context) -> str | None:
     if ctx.txn is not None and ctx.txn.name == "activation":
         # F41 may be spaces and factory-fresh terminals all start at the same trace number: the
         # terminal is the one its code names (§9.1, §12.1 step 2), so the code stands for the TID
+        # keyed (the journal shows dup keys: an unkeyed hash of 8 digits gave the code away)
         f62 = req.fields.get(62)
-        code = f62[:8] if isinstance(f62, bytes) else b""
-        return f"activation:{hashlib.sha256(code).hexdigest()[:16]}|{batch}|{req.stan}|{req.mti}"
+        code = f62[:8].decode("latin-1") if isinstance(f62, bytes) else ""
+        assert state.store is not None
+        return f"activation:{state.store.code_token(code)[3:19]}|{batch}|{req.stan}|{req.mti}"
     return f"{req.tid}|{batch}|{req.stan}|{req.mti}"
 
 
 async def check_duplicate(state: SwitchState, ctx: Context) -> None:
-    key = dup_key(ctx)
+    key = dup_key(state, ctx)
     if key is None:
         return
     digest = hashlib.sha256(ctx.request.frame.body).hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def test_onboarding_on_postgresql(capsys: pytest.CaptureFixture[str], config: Pa
     fields = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in out.splitlines()}
     tid, activation = fields["TID"], fields["activation code"]
     stored = pg_rows(pg_database, "SELECT activation_code_hash, state FROM terminals WHERE tid = %s", tid)
-    assert stored == [(hashlib.sha256(activation.encode()).hexdigest(), "awaiting_activation")]
+    assert stored[0][1] == "awaiting_activation"  # the code kept keyed (k1: HMAC), not sha256(code)
+    assert re.fullmatch(r"k1:[0-9a-f]{64}", stored[0][0])
+    assert hashlib.sha256(activation.encode()).hexdigest() not in stored[0][0]
     code, out, _ = run(capsys, "terminal", "show", tid, "--json", "--config", c)
     assert code == 0 and json.loads(out)["mid"] == mid
     code, out, _ = run(capsys, "terminal", "new-code", tid, "--config", c)

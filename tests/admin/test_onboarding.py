@@ -305,7 +305,8 @@ def test_add_main_terminal_awaiting_activation_with_hashed_code(store: SqliteSto
     r = row(store, "terminals", "tid", tid)
     assert (r["mid"], r["role"], r["main_tid"], r["state"], r["device_serial"]) == (
         mid, "main", None, "awaiting_activation", "N86-0001")
-    assert r["activation_code_hash"] == hashlib.sha256(code.encode()).hexdigest()
+    assert r["activation_code_hash"] == store.code_token(code)  # keyed: 10**8 codes, no offline dictionary
+    assert r["activation_code_hash"] != hashlib.sha256(code.encode()).hexdigest()
     assert r["activation_expires"] == (NOW + timedelta(hours=24)).timestamp()
     assert r["tmk"] is None
     assert code not in repr(r)  # only the hash is stored
@@ -393,9 +394,9 @@ def test_new_activation_code_replaces_the_old_one(store: SqliteStore) -> None:
     later = NOW + timedelta(hours=30)
     second = ob.new_activation_code(store, tid, now=later)
     r = row(store, "terminals", "tid", tid)
-    assert r["activation_code_hash"] == hashlib.sha256(second.encode()).hexdigest()
+    assert r["activation_code_hash"] == store.code_token(second)
     if second != first:  # 1 in 10^8 that the new code is the same digits
-        assert r["activation_code_hash"] != hashlib.sha256(first.encode()).hexdigest()
+        assert r["activation_code_hash"] != store.code_token(first)
     assert r["activation_expires"] == (later + timedelta(hours=24)).timestamp()
     with pytest.raises(OnboardingError, match="not found"):
         ob.new_activation_code(store, "99999999")

@@ -5,7 +5,6 @@ master key comes from SWITCH_MASTER_KEY (or is created on the first ``merchant a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,15 @@ def add_merchant(capsys: pytest.CaptureFixture[str], data_dir: Path, *extra: str
     )
     assert (code, err) == (0, "")
     return out.strip()
+
+
+def code_token(data_dir: Path, code: str) -> str:
+    store = SqliteStore(data_dir / "switch.db", MasterKey.from_hex(KEY_HEX))
+    store.open()
+    try:
+        return store.code_token(code)
+    finally:
+        store.close()
 
 
 def rows(data_dir: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
@@ -215,7 +223,7 @@ def test_terminal_add_prints_a_code_that_matches_the_store(
     tid, activation, valid_until = parse_code(out)
     assert len(tid) == 8 and len(activation) == 8 and activation.isdigit()
     (r,) = rows(data_dir, "SELECT * FROM terminals WHERE tid = ?", tid)
-    assert r["activation_code_hash"] == hashlib.sha256(activation.encode()).hexdigest()
+    assert r["activation_code_hash"] == code_token(data_dir, activation)
     assert r["state"] == "awaiting_activation" and r["device_serial"] == "N86-01"
     # the printed expiry is the stored one (to the second) and 24 h after issue
     assert abs(valid_until.timestamp() - r["activation_expires"]) < 1
@@ -250,7 +258,7 @@ def test_terminal_secondary_show_and_new_code(
     tid, new_code, _ = parse_code(out)
     assert (code, tid) == (0, sec)
     (r,) = rows(data_dir, "SELECT activation_code_hash FROM terminals WHERE tid = ?", sec)
-    assert r["activation_code_hash"] == hashlib.sha256(new_code.encode()).hexdigest()
+    assert r["activation_code_hash"] == code_token(data_dir, new_code)
 
 
 def test_terminal_add_errors(capsys: pytest.CaptureFixture[str], data_dir: Path, merchant: str) -> None:

@@ -168,3 +168,15 @@ async def test_a_fifth_wrong_code_counted_meanwhile_by_another_process_makes_thi
         other.close()
     assert counted.reasons == ["wrong_code"] * (MAX_WRONG - 1) + ["lockout"]
     assert harness.store.activation_failures_since(ATTACKER, 0.0) == MAX_WRONG
+
+
+async def test_a_code_kept_by_an_older_version_still_activates(harness: Harness) -> None:
+    """Codes are kept as a keyed HMAC (``code_token``); one issued before that, kept as the plain
+    SHA-256 a store of an older version holds, still works for the rest of its 24 hours. A wrong
+    code is still wrong either way."""
+    from switch.adapters.sqlite_store import legacy_code_hash
+
+    harness.store.db.execute("UPDATE terminals SET activation_code_hash = ? WHERE tid = '20000002'",
+                             (legacy_code_hash(RIGHT_CODE),))
+    assert await activate(harness.manager, wrong_code(1), NEIGHBOUR, 1) == "97"
+    assert await activate(harness.manager, RIGHT_CODE, NEIGHBOUR, 2) == "00"
