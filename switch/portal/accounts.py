@@ -20,6 +20,7 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "MIN_PASSWORD_LENGTH",
     "AccountError",
     "LoginResult",
+    "UnknownMids",
     "check_login",
     "ensure_schema",
     "hash_password",
@@ -171,6 +173,33 @@ class LoginResult:
         return self.locked_until is not None
 
 
+class UnknownMids:
+    """Failed logins for well-formed MIDs that have no portal account, counted and locked like an
+    account's, so that after ``MAX_FAILURES`` both answer "locked" alike and without an scrypt
+    (security review I: only MIDs with an account locked, which told them apart). Kept in memory,
+    at most ``size`` MIDs (the oldest forgotten first): nothing to store for a MID that does not
+    exist, and a flood of made-up MIDs costs bounded memory."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, tuple[int, float | None]] = OrderedDict()
+
+    def locked_until(self, mid: str, now: float) -> float | None:
+        failed, until = self._entries.get(mid, (0, None))
+        return until if until is not None and until > now else None
+
+    def failed(self, mid: str, now: float) -> LoginResult:
+        failed, until = self._entries.pop(mid, (0, None))
+        if until is not None and until <= now:  # a lockout that ran out: start counting again
+            failed = 0
+        failed += 1
+        until = now + LOCKOUT_SECONDS if failed >= MAX_FAILURES else None
+        self._entries[mid] = (failed, until)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return LoginResult(False, until, failed)
+
+
 async def check_login(
     store: SqliteStore,
     mid: str,
@@ -178,6 +207,7 @@ async def check_login(
     *,
     on_success: Callable[[sqlite3.Connection], None] | None = None,
     clock: Callable[[], float] = time.time,
+    unknown: UnknownMids | None = None,
 ) -> LoginResult:
     """Verify ``password`` for ``mid`` and count the outcome, through the store's group-commit
     writer (it must be running). A locked account is refused without looking at the password.
@@ -188,12 +218,15 @@ async def check_login(
     now = clock()
     if row is not None and row["locked_until"] is not None and float(row["locked_until"]) > now:
         return LoginResult(False, float(row["locked_until"]), int(row["failed_count"]))
+    if row is None and unknown is not None and mid and (until := unknown.locked_until(mid, now)) is not None:
+        return LoginResult(False, until, MAX_FAILURES)
     stored = str(row["password_hash"]) if row is not None else _DUMMY_HASH
     if len(password) > MAX_PASSWORD_LENGTH:
         password = ""  # still one scrypt, of something that cannot match
     matches = await anyio.to_thread.run_sync(verify_password, password, stored)
     if row is None:
-        return LoginResult(False)
+        # a malformed MID ("") is no account anyone could hold: never locked, always 401
+        return unknown.failed(mid, clock()) if unknown is not None and mid else LoginResult(False)
     outcome: list[LoginResult] = []
 
     def op(db: sqlite3.Connection) -> None:

@@ -105,6 +105,7 @@ class Portal:
         self.store = store
         self.secure = secure_cookies
         self.clock = clock
+        self.unknown_mids = accounts.UnknownMids()  # locked like accounts: no telling them apart
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined,
@@ -173,7 +174,8 @@ class Portal:
         session_id, _, op = auth.op_create_session(
             mid, self.clock(), replaces=request.cookies.get(auth.SESSION_COOKIE)
         )
-        result = await accounts.check_login(self.store, mid, password, on_success=op, clock=self.clock)
+        result = await accounts.check_login(self.store, mid, password, on_success=op, clock=self.clock,
+                                            unknown=self.unknown_mids)
         if result.ok:
             response: Response = RedirectResponse("/", status_code=303)
             auth.set_session_cookie(response, session_id, secure=self.secure)

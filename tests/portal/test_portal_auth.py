@@ -102,6 +102,35 @@ async def test_lockout_after_five_failures_for_fifteen_minutes(portal: Portal) -
     assert row["failed_count"] == 0 and row["locked_until"] is None
 
 
+async def test_an_unknown_mid_locks_like_an_account(portal: Portal) -> None:
+    """Five failures lock a MID without a portal account exactly as they lock one with an account
+    (429, the same text, for fifteen minutes), so the lockout does not tell them apart; a
+    malformed MID is nobody's and never locks."""
+    async def attempt(mid: str) -> int:
+        page = await portal.client.get("/login")
+        r = await portal.client.post("/login", data={"mid": mid, "password": "whatever-1",
+                                                      "csrf": csrf_of(page.text)})
+        return r.status_code
+
+    nobody = "898999999999999"
+    assert [await attempt(nobody) for _ in range(6)] == [401, 401, 401, 401, 429, 429]
+    assert [await attempt("12345") for _ in range(6)] == [401] * 6
+    portal.clock.now += accounts.LOCKOUT_SECONDS + 1
+    assert await attempt(nobody) == 401
+    assert (await portal.login(M1)).status_code == 303  # accounts are not affected
+
+
+def test_unknown_mids_are_remembered_in_bounded_memory() -> None:
+    unknown = accounts.UnknownMids(size=3)
+    for i in range(10):
+        for _ in range(accounts.MAX_FAILURES):
+            result = unknown.failed(f"89899999999999{i}", 1_000.0)
+        assert result.locked_until == 1_000.0 + accounts.LOCKOUT_SECONDS
+    assert len(unknown._entries) == 3  # the oldest forgotten first
+    assert unknown.locked_until("898999999999999", 1_001.0) is not None
+    assert unknown.locked_until("898999999999990", 1_001.0) is None
+
+
 async def test_a_success_resets_the_failure_count(portal: Portal) -> None:
     for attempt in range(4):
         assert (await portal.login(M1, f"wrong-{attempt}")).status_code == 401
