@@ -59,6 +59,7 @@ class AppConfig:
     admin_port: int | None = 9200  # None or no SWITCH_ADMIN_TOKEN: no admin API
     portal_port: int | None = None  # the merchant portal (None: off)
     portal_secure_cookies: bool = False
+    webhook_allow_private: bool = False  # webhooks may reach loopback/private addresses
     # the demo: an admin or portal port already in use is logged and that surface left off (the
     # terminal port is what §14 promises; two demos on one host must not fail on port 8080)
     side_ports_optional: bool = False
@@ -163,7 +164,7 @@ async def run_switch(
         store.db.execute("BEGIN IMMEDIATE")
         saf.op_promote_intents(older_than=time.time() - orphan_age if shared else None)(store.db)
         store.db.execute("COMMIT")
-        outbox = WebhookOutbox(store)
+        outbox = WebhookOutbox(store, allow_private=cfg.webhook_allow_private)
         outbox.refresh()
         state.outbox = outbox
         manager = TransactionManager(state, store)
@@ -272,6 +273,7 @@ def app_config(cfg: Config) -> AppConfig:
         admin_port=cfg.admin_port if cfg.admin_port else None,
         portal_port=cfg.portal_port if cfg.portal_port else None,
         portal_secure_cookies=cfg.portal_secure_cookies,
+        webhook_allow_private=cfg.webhook_allow_private,
     )
 
 
@@ -335,6 +337,7 @@ async def run_demo(
     mocks: dict[str, Any] | None = None,
     issuer_ports: dict[str, int] | None = None,
     orphan_intent_timeout: float = 0.0,
+    webhook_allow_private: bool = False,
     task_status: anyio.abc.TaskStatus[Running] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """The demo: mock issuers (``mocks`` to keep handles on them, e.g. from
@@ -357,6 +360,7 @@ async def run_demo(
             data_dir=data_dir, host=host, port=port, metrics_port=metrics_port,
             issuer_timeout=issuer_timeout, issuers=endpoints, wait_for_links=tuple(bound), admin_port=admin_port,
             portal_port=portal_port, side_ports_optional=True, orphan_intent_timeout=orphan_intent_timeout,
+            webhook_allow_private=webhook_allow_private,
         )
 
         prepare: Callable[[SqliteStore], object] | None = None

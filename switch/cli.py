@@ -23,12 +23,14 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--issuer-timeout", type=float, default=2.0)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.add_argument("--webhook-allow-private", action="store_true",
+                   help="let merchants' webhooks reach loopback/private addresses (a local receiver)")
     a = p.parse_args(argv)
     configure_logging(a.log_level, a.log_format)
     try:
         run(lambda: run_demo(a.data_dir, host=a.host, port=a.port, metrics_port=a.metrics_port,
                              admin_port=a.admin_port, portal_port=None if a.portal_port < 0 else a.portal_port,
-                             issuer_timeout=a.issuer_timeout))
+                             issuer_timeout=a.issuer_timeout, webhook_allow_private=a.webhook_allow_private))
     except KeyboardInterrupt:
         pass
     return 0

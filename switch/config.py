@@ -24,6 +24,10 @@ drain = 10.0
 orphan_intent = 0         # a write-ahead intent older than this never reached the journal (a dead
                           # process, a failed commit): reversed (0: max(30, 6 x issuer); >= 2 x issuer + 1)
 
+[webhooks]
+allow_private = false     # merchants' webhooks may reach loopback/private/link-local addresses
+                          # (only for a test bench: else a merchant can probe the switch's network)
+
 [limits]
 max_frame = 2048
 max_connections = 1000
@@ -79,6 +83,7 @@ class Config:
     admin_port: int = 9200
     portal_port: int = 0
     portal_secure_cookies: bool = True
+    webhook_allow_private: bool = False
     data_dir: Path = Path("data")
     log_level: str = "INFO"
     log_format: str = "json"
@@ -129,6 +134,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type]]] = {
         "portal_secure_cookies": ("portal_secure_cookies", bool),
     },
     "store": {"dsn": ("store_dsn", str)},
+    "webhooks": {"allow_private": ("webhook_allow_private", bool)},
     "timeouts": {
         "issuer": ("issuer_timeout", float), "idle": ("idle_timeout", float), "read": ("read_timeout", float),
         "drain": ("drain_timeout", float), "orphan_intent": ("orphan_intent_timeout", float),

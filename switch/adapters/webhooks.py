@@ -39,6 +39,14 @@ at least once (a crash between the merchant's 2xx and our commit re-sends the sa
 not ordered across events; merchants deduplicate on ``X-Switch-Event-Id``. Connections go direct
 (proxy environment variables are ignored), with the system's certificate checks for https.
 
+Where a webhook may point: only at public addresses unless ``allow_private`` (configuration
+``[webhooks] allow_private``, ``switch demo --webhook-allow-private``). The URL's host is resolved
+at every attempt and the connection is made to an address that was checked, never to one that
+is loopback, private (RFC 1918, unique-local), link-local (cloud metadata services), multicast,
+reserved or unspecified, IPv4-mapped forms included; such an attempt fails as ``address not
+allowed`` without a packet sent. Otherwise a merchant could make the switch POST to services on
+its own host or network and read their answer's status in the portal (SSRF, security review I).
+
 HTTP uses ``urllib.request`` in a worker thread (no new dependency); at most ``concurrency``
 deliveries run at once.
 """
@@ -47,8 +55,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
+import ipaddress
 import json
 import logging
+import socket
 import sqlite3
 import time
 import urllib.error
@@ -164,13 +175,84 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a 3xx is an answer other than 2xx: a failed attempt
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+class AddressNotAllowed(OSError):
+    """The webhook's host is (or resolves only to) an address webhooks may not reach."""
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> DeliveryResult:
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A public unicast address: not loopback, private, link-local, multicast, reserved or
+    unspecified (an IPv4-mapped IPv6 address is judged as its IPv4 address)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
+                or ip.is_reserved or ip.is_unspecified or not ip.is_global)
+
+
+def _connect_checked(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
+    """A TCP connection to the first address of ``host`` that may be reached."""
+    last: OSError = AddressNotAllowed("address not allowed")
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if not allow_private and not address_allowed(ipaddress.ip_address(str(sockaddr[0]).split("%")[0])):
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            if isinstance(timeout, (int, float)):  # else http.client's "no timeout given" sentinel
+                sock.settimeout(timeout)
+            sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return sock
+    raise last
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    allow_private = False
+
+    def connect(self) -> None:
+        self.sock = _connect_checked(self.host, self.port, self.timeout, self.allow_private)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    allow_private = False
+
+    def connect(self) -> None:
+        sock = _connect_checked(self.host, self.port, self.timeout, self.allow_private)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+class _AnyHTTPConnection(_CheckedHTTPConnection):
+    allow_private = True
+
+
+class _AnyHTTPSConnection(_CheckedHTTPSConnection):
+    allow_private = True
+
+
+def _opener(allow_private: bool) -> urllib.request.OpenerDirector:
+    http_conn = _AnyHTTPConnection if allow_private else _CheckedHTTPConnection
+    https_conn = _AnyHTTPSConnection if allow_private else _CheckedHTTPSConnection
+
+    class _Http(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(http_conn, req)
+
+    class _Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(https_conn, req, context=self._context)  # type: ignore[attr-defined]
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(), _Http(), _Https())
+
+
+_OPENERS = {False: _opener(False), True: _opener(True)}
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float,
+          allow_private: bool = False) -> DeliveryResult:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with _OPENERS[allow_private].open(request, timeout=timeout) as response:
             status = int(response.status)
             response.read(MAX_RESPONSE_READ)
     except urllib.error.HTTPError as exc:
@@ -178,6 +260,8 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Del
         return DeliveryResult(False, exc.code, f"http {exc.code}")
     except urllib.error.URLError as exc:
         reason = exc.reason
+        if isinstance(reason, AddressNotAllowed):
+            return DeliveryResult(False, None, "address not allowed")
         text = type(reason).__name__ if isinstance(reason, BaseException) else "url error"
         if isinstance(reason, OSError) and reason.strerror:
             text += f": {reason.strerror}"
@@ -204,6 +288,7 @@ class WebhookOutbox:
         max_attempts: int = 20,
         concurrency: int = 4,
         clock: Callable[[], float] = time.time,
+        allow_private: bool = False,
     ) -> None:
         if max_attempts < 1 or concurrency < 1:
             raise ValueError("max_attempts and concurrency must be at least 1")
@@ -214,6 +299,7 @@ class WebhookOutbox:
         self.max_attempts = max_attempts
         self.concurrency = concurrency
         self.clock = clock
+        self.allow_private = allow_private  # webhooks may reach loopback/private addresses (tests, demo)
         self._wake = anyio.Event()
         self._busy: set[int] = set()
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -374,7 +460,7 @@ class WebhookOutbox:
                 "X-Switch-Signature": sign(secret, timestamp, body),
             }
             result = await anyio.to_thread.run_sync(
-                _post, url, body, headers, self.timeout, abandon_on_cancel=True
+                _post, url, body, headers, self.timeout, self.allow_private, abandon_on_cancel=True
             )
         await self._record(row_id, mid, event_id, int(row["attempts"]) + 1, result)
 

@@ -270,7 +270,7 @@ def test_event_from_journal_carries_the_masked_pan_only() -> None:
 
 
 def test_wants_follows_refresh(store: SqliteStore) -> None:
-    outbox = WebhookOutbox(store)
+    outbox = WebhookOutbox(store, allow_private=True)
     outbox.refresh()
     assert not outbox.wants(MID)
     set_webhook(store, MID, "http://127.0.0.1:9/hook")
@@ -288,7 +288,7 @@ async def test_delivery_is_signed_verifiable_and_holds_no_full_pan(store: Sqlite
     clock = Clock(1740794400.0)
     async with receiver() as rx, running_writer(store):
         set_webhook(store, MID, rx.url)
-        outbox = WebhookOutbox(store, clock=clock)
+        outbox = WebhookOutbox(store, allow_private=True, clock=clock)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         clock.t += 2
         assert await outbox.deliver_due() == 1
@@ -324,7 +324,7 @@ async def test_only_2xx_counts_as_delivered(store: SqliteStore, status: int, del
     clock = Clock(1000.0)
     async with receiver(default=status) as rx, running_writer(store):
         set_webhook(store, MID, rx.url)
-        outbox = WebhookOutbox(store, base_delay=10.0, clock=clock)
+        outbox = WebhookOutbox(store, allow_private=True, base_delay=10.0, clock=clock)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         await outbox.deliver_due()
     assert len(rx.requests) == 1  # a redirect is not followed
@@ -342,7 +342,7 @@ async def test_only_2xx_counts_as_delivered(store: SqliteStore, status: int, del
 async def test_worker_retries_a_500_then_delivers_on_the_second_attempt(store: SqliteStore) -> None:
     async with receiver(script=[500], default=200) as rx, running_writer(store) as tg:
         set_webhook(store, MID, rx.url)
-        outbox = WebhookOutbox(store, base_delay=0.05, max_delay=1.0)
+        outbox = WebhookOutbox(store, allow_private=True, base_delay=0.05, max_delay=1.0)
         await tg.start(outbox.run)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         outbox.wake()
@@ -365,7 +365,7 @@ async def test_unreachable_url_backs_off_exponentially_then_fails(
 ) -> None:
     clock = Clock(1000.0)
     set_webhook(store, MID, f"http://127.0.0.1:{closed_port()}/hook")
-    outbox = WebhookOutbox(store, base_delay=1.0, max_delay=5.0, max_attempts=5, clock=clock)
+    outbox = WebhookOutbox(store, allow_private=True, base_delay=1.0, max_delay=5.0, max_attempts=5, clock=clock)
     schedule = []
     async with running_writer(store):
         await store.write(outbox.op_enqueue(MID, txn_event()))
@@ -393,7 +393,7 @@ async def test_unreachable_url_backs_off_exponentially_then_fails(
 async def test_worker_gives_up_on_an_unreachable_url(store: SqliteStore) -> None:
     set_webhook(store, MID, f"http://127.0.0.1:{closed_port()}/hook")
     async with running_writer(store) as tg:
-        outbox = WebhookOutbox(store, base_delay=0.01, max_delay=0.02, max_attempts=3)
+        outbox = WebhookOutbox(store, allow_private=True, base_delay=0.01, max_delay=0.02, max_attempts=3)
         await tg.start(outbox.run)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         outbox.wake()
@@ -406,7 +406,7 @@ async def test_a_silent_receiver_times_out_and_is_retried(store: SqliteStore) ->
     clock = Clock(1000.0)
     async with receiver(script=["hang"], default=200) as rx, running_writer(store):
         set_webhook(store, MID, rx.url)
-        outbox = WebhookOutbox(store, timeout=0.3, base_delay=2.0, clock=clock)
+        outbox = WebhookOutbox(store, allow_private=True, timeout=0.3, base_delay=2.0, clock=clock)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         await outbox.deliver_due()
         row = outbox_rows(store)[0]
@@ -429,7 +429,7 @@ async def test_missing_or_unusable_target_is_a_failed_attempt(
 ) -> None:
     set_webhook(store, MID, url, secret)
     async with running_writer(store):
-        outbox = WebhookOutbox(store, base_delay=0.0, max_attempts=2)
+        outbox = WebhookOutbox(store, allow_private=True, base_delay=0.0, max_attempts=2)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         await outbox.deliver_due()
         await outbox.deliver_due()
@@ -437,12 +437,41 @@ async def test_missing_or_unusable_target_is_a_failed_attempt(
     assert row["state"] == "failed" and row["attempts"] == 2 and error in row["last_error"]
 
 
+@pytest.mark.parametrize("address, allowed", [
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.9", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("0.0.0.0", False), ("100.64.0.1", False), ("224.0.0.1", False),
+    ("::1", False), ("fc00::1", False), ("fe80::1", False), ("::ffff:127.0.0.1", False),
+    ("::ffff:10.0.0.1", False), ("203.0.113.7", False),  # documentation range: not global
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True), ("::ffff:8.8.8.8", True),
+])
+def test_webhooks_reach_only_public_addresses(address: str, allowed: bool) -> None:
+    import ipaddress
+
+    assert webhooks.address_allowed(ipaddress.ip_address(address)) is allowed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_webhook_on_loopback_is_not_reached(store: SqliteStore, host: str) -> None:
+    """A merchant pointing its webhook at the switch's own host (SSRF, security review I): the
+    attempt fails as 'address not allowed' (all a merchant sees in the portal) and nothing is
+    sent, whatever listens there; the outbox retries as for any failure."""
+    async with receiver() as rx, running_writer(store):
+        set_webhook(store, MID, rx.url.replace("127.0.0.1", host))
+        outbox = WebhookOutbox(store, base_delay=10.0)  # allow_private is off by default
+        await store.write(outbox.op_enqueue(MID, txn_event()))
+        await outbox.deliver_due()
+    (row,) = outbox_rows(store)
+    assert row["state"] == "pending" and row["attempts"] == 1 and row["last_error"] == "address not allowed"
+    assert rx.requests == []
+
+
 @pytest.mark.anyio
 async def test_https_url_speaks_tls(store: SqliteStore) -> None:
     """An https URL really starts a TLS handshake: against a plain-HTTP receiver it fails."""
     async with receiver() as rx, running_writer(store):
         set_webhook(store, MID, rx.url.replace("http://", "https://"))
-        outbox = WebhookOutbox(store, timeout=2.0, base_delay=10.0)
+        outbox = WebhookOutbox(store, allow_private=True, timeout=2.0, base_delay=10.0)
         await store.write(outbox.op_enqueue(MID, txn_event()))
         await outbox.deliver_due()
     (row,) = outbox_rows(store)
@@ -454,7 +483,7 @@ async def test_https_url_speaks_tls(store: SqliteStore) -> None:
 async def test_worker_delivers_at_most_concurrency_at_once(store: SqliteStore) -> None:
     async with receiver(gate_at=3) as rx, running_writer(store) as tg:
         set_webhook(store, MID, rx.url)
-        outbox = WebhookOutbox(store, concurrency=2)
+        outbox = WebhookOutbox(store, allow_private=True, concurrency=2)
         await store.write(*(outbox.op_enqueue(MID, txn_event(stan=f"{i:06d}")) for i in range(6)))
         await tg.start(outbox.run)
         rows = await wait_for_state(store, "delivered", 6)
@@ -467,7 +496,7 @@ async def test_worker_delivers_at_most_concurrency_at_once(store: SqliteStore) -
 @pytest.mark.anyio
 async def test_events_survive_a_restart(db_path: Path, store: SqliteStore) -> None:
     set_webhook(store, MID, "http://127.0.0.1:9/not-yet")
-    first = WebhookOutbox(store)
+    first = WebhookOutbox(store, allow_private=True)
     first.refresh()
     assert first.wants(MID)
     journal = JournalEntry(created_at="2025-03-01T10:00:00+08:00", business_date="20250301",
@@ -482,7 +511,7 @@ async def test_events_survive_a_restart(db_path: Path, store: SqliteStore) -> No
     try:
         async with receiver() as rx, running_writer(again) as tg:
             set_webhook(again, MID, rx.url)
-            second = WebhookOutbox(again)
+            second = WebhookOutbox(again, allow_private=True)
             second.refresh()
             assert second.wants(MID)
             await tg.start(second.run)
@@ -500,7 +529,7 @@ async def test_two_outboxes_on_one_queue_post_an_event_once(store: SqliteStore) 
     merchant gets it once."""
     async with receiver() as rx, running_writer(store):
         set_webhook(store, MID, rx.url)
-        a, b = WebhookOutbox(store), WebhookOutbox(store)
+        a, b = WebhookOutbox(store, allow_private=True), WebhookOutbox(store, allow_private=True)
         a.refresh()
         b.refresh()
         await store.write(a.op_enqueue(MID, txn_event()))
@@ -530,7 +559,7 @@ async def test_an_unreadable_event_is_failed_and_the_worker_goes_on(
 
     async with receiver(default=200) as rx, running_writer(store) as tg:
         set_webhook(store, MID, rx.url)
-        outbox = WebhookOutbox(store)
+        outbox = WebhookOutbox(store, allow_private=True)
         await store.write(outbox.op_enqueue(MID, txn_event(stan="000001")))
         await store.write(outbox.op_enqueue(MID, txn_event(stan="000002")))
         db = sqlite3.connect(store.path)

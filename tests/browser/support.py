@@ -159,6 +159,7 @@ def portal_stack(data_dir: Path) -> Iterator[PortalStack]:
     with start_blocking_portal("asyncio") as portal:
         demo_done, running = portal.start_task(functools.partial(
             run_demo, data_dir, port=0, metrics_port=0, admin_port=None, handle_signals=False,
+            webhook_allow_private=True,  # the tests' webhook receiver is on loopback
         ))
         try:
             seed_portal_accounts(running.store)  # blocking (scrypt); this thread is not the loop's

@@ -53,6 +53,14 @@ def test_a_good_file(tmp_path: Path) -> None:
 def test_defaults_without_a_file() -> None:
     cfg = load_config(None, {})
     assert (cfg.port, cfg.metrics_port, cfg.idle_timeout, cfg.read_timeout, cfg.max_frame) == (5000, 9100, 60.0, 10.0, 2048)
+    assert cfg.webhook_allow_private is False  # merchants' webhooks reach public addresses only
+
+
+def test_webhooks_may_be_let_reach_private_addresses(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "[webhooks]\nallow_private = true\n"), {}).webhook_allow_private is True
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[webhooks]\nallow_private = \"yes\"\n"), {})
+    assert "allow_private" in str(info.value)
 
 
 def test_environment_wins_over_the_file(tmp_path: Path) -> None:

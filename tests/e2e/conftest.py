@@ -40,6 +40,7 @@ class DemoSwitch:
     _pump: threading.Thread = field(default_factory=lambda: threading.Thread(target=lambda: None))
     # the port arguments; None: every port 0 (free ones), the admin API and the portal on
     port_args: list[str] | None = None
+    extra_args: list[str] = field(default_factory=list)  # more `switch demo` options
 
     def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ)
@@ -49,7 +50,7 @@ class DemoSwitch:
             "--port", "0", "--metrics-port", "0", "--admin-port", "0", "--portal-port", "0"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "switch.cli", "demo", *ports,
-             "--data-dir", str(self.data_dir), "--issuer-timeout", "2"],
+             "--data-dir", str(self.data_dir), "--issuer-timeout", "2", *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         ready = threading.Event()

@@ -78,7 +78,7 @@ def bind(data_dir: Path, url: str) -> bytes:
 
 async def test_signed_events_for_approvals_and_declines_with_a_retry(tmp_path: Path) -> None:
     receiver = Receiver(fail_first=1)
-    sw = DemoSwitch(tmp_path)
+    sw = DemoSwitch(tmp_path, extra_args=["--webhook-allow-private"])  # the receiver is on loopback
     sw.start()
     try:
         secret = bind(tmp_path, f"http://127.0.0.1:{receiver.port}/hook")
