@@ -36,7 +36,7 @@ from switch.ports import Metrics, NullMetrics
 
 log = logging.getLogger("switch.store")
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 RRN_BLOCK = 1000
 
 MIGRATIONS: list[str] = [
@@ -177,6 +177,14 @@ MIGRATIONS: list[str] = [
     # every row the merchant ever had
     """
     CREATE INDEX journal_mid_batch_stan ON journal(mid, batch, stan);
+    """,
+    # v11: a write-ahead intent and the reversal it becomes name the terminal request they undo
+    # (TID|batch|STAN|MTI): the terminal's own 0400 for a request whose journal row was never
+    # written finds that the switch is reversing it (00, §11) instead of no original (25)
+    """
+    ALTER TABLE intents ADD COLUMN origin TEXT;
+    ALTER TABLE saf_queue ADD COLUMN origin TEXT;
+    CREATE INDEX saf_origin ON saf_queue(origin);
     """,
 ]
 

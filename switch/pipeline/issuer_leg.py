@@ -112,7 +112,8 @@ async def call(
         link.stamp(fields)
         key = os.urandom(16).hex()  # 128 random bits, like uuid4 without its object
         await state.store.write(
-            state.saf.op_intent(key, issuer, reversal_fields(state, mti, fields, pan or ctx.pan or ""))
+            state.saf.op_intent(key, issuer, reversal_fields(state, mti, fields, pan or ctx.pan or ""),
+                                ctx.dup_key)
         )
         ctx.intents.append(key)
         ctx.store_ops.append(state.saf.op_clear_intent(key))

@@ -37,6 +37,12 @@ async def reversal(state: SwitchState, ctx: Context) -> None:
         with anyio.move_on_after(WAIT_FOR_ORIGINAL):
             await first.done.wait()
     row = originals.by_key(state, ctx.terminal.tid, ctx.f60.batch, ctx.request.stan, orig.mti)
+    if row is None and _reversed_unjournaled(state, key):
+        # its journal commit failed after the issuer was asked (a full disk, an I/O error): no
+        # answer went out and the switch queued the reversal itself: "reversed by the switch"
+        ctx.rc = ResultCode.APPROVED
+        ctx.note = "original never journaled (its commit failed): the switch reverses it"
+        return
     if row is None or row["txn"] != orig.name:
         ctx.decline(ResultCode.ORIGINAL_NOT_FOUND, "no original with this TID, batch and STAN")
         return
@@ -66,6 +72,15 @@ async def reversal(state: SwitchState, ctx: Context) -> None:
     originals.set_state(ctx, row, "reversed")
     await issuer_leg.commit_and_deliver(state, ctx, issuers)
     ctx.rc = ResultCode.APPROVED
+
+
+def _reversed_unjournaled(state: SwitchState, key: str) -> bool:
+    """Whether the switch queued the reversal of the request ``key`` from its write-ahead intent
+    (the request's journal row was never written). A live intent is not enough: on a shared
+    database it may be another process's request still at its issuer."""
+    assert state.store is not None
+    return bool(state.store.query(
+        "SELECT 1 FROM saf_queue WHERE origin = ? AND kind = 'reversal' LIMIT 1", (key,)))
 
 
 def _queue_issuer_reversals(state: SwitchState, ctx: Context, row: Row) -> set[str]:

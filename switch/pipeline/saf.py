@@ -131,13 +131,15 @@ class StoreAndForward:
     # request's journal commit deletes the intent. An intent still there means the switch died (or
     # failed) between sending and recording the outcome: the terminal never saw an answer, so the
     # request is reversed through the queue.
-    def op_intent(self, key: str, issuer: str, reversal: Fields) -> Op:
+    def op_intent(self, key: str, issuer: str, reversal: Fields, origin: str | None = None) -> Op:
+        """``origin``: the terminal request it would undo (TID|batch|STAN|MTI), kept with the
+        reversal it may become so that the terminal's own 0400 can find it."""
         blob = self.store.master_key.wrap(encode_fields(reversal), f"saf:{issuer}")
         now = self.clock()
 
         def op(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO intents (key, issuer, fields, created_at) VALUES (?,?,?,?)",
-                       (key, issuer, blob, now))
+            db.execute("INSERT INTO intents (key, issuer, fields, created_at, origin) VALUES (?,?,?,?,?)",
+                       (key, issuer, blob, now, origin))
 
         return op
 
@@ -164,12 +166,12 @@ class StoreAndForward:
             # DELETE ... RETURNING takes each row once: a request's own journal commit deleting
             # it at the same moment either wins (the row is not returned here) or finds it gone
             # (op_clear_intent refuses to journal it)
-            rows = db.execute(f"DELETE FROM intents{where} RETURNING issuer, fields", params).fetchall()
-            for issuer, blob in rows:
+            rows = db.execute(f"DELETE FROM intents{where} RETURNING issuer, fields, origin", params).fetchall()
+            for issuer, blob, origin in rows:
                 db.execute(
-                    "INSERT INTO saf_queue (issuer, kind, mti, fields, journal_id, created_at, next_attempt)"
-                    " VALUES (?, 'reversal', '0400', ?, NULL, ?, ?)",
-                    (issuer, blob, now, now),
+                    "INSERT INTO saf_queue (issuer, kind, mti, fields, journal_id, created_at, next_attempt, origin)"
+                    " VALUES (?, 'reversal', '0400', ?, NULL, ?, ?, ?)",
+                    (issuer, blob, now, now, origin),
                 )
             if rows:
                 log.warning("store-and-forward: %d request(s) without a recorded outcome queued for reversal",

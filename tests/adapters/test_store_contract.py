@@ -811,17 +811,22 @@ def test_a_v8_store_is_migrated_to_the_current_version_keeping_its_data(backend:
     s.close()
     backend.rows("DROP TABLE activation_failures")  # as a version 8 store has it
     backend.rows("DROP INDEX journal_mid_batch_stan")
+    backend.rows("DROP INDEX saf_origin")
+    backend.rows("ALTER TABLE saf_queue DROP COLUMN origin")
+    backend.rows("ALTER TABLE intents DROP COLUMN origin")
     backend.rows("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
     s2 = backend.store()
     s2.open()
     try:
-        assert backend.rows("SELECT value FROM meta WHERE key='schema_version'") == [("10",)]
+        assert backend.rows("SELECT value FROM meta WHERE key='schema_version'") == [("11",)]
         assert set(s2.load_terminals()) == {"10000001", "10000002", "20000002"}
         assert s2.add_activation_failure("192.0.2.1", 1000.0, 400.0, 5)  # v9
         assert s2.activation_failures_since("192.0.2.1", 400.0) == 1
         index = ("SELECT name FROM sqlite_master WHERE type='index' AND name=?" if backend.name == "sqlite"
                  else "SELECT indexname FROM pg_indexes WHERE indexname=?")
         assert backend.rows(index, ("journal_mid_batch_stan",)) == [("journal_mid_batch_stan",)]  # v10
+        assert backend.rows(index, ("saf_origin",)) == [("saf_origin",)]  # v11
+        assert backend.rows("SELECT origin FROM intents") == backend.rows("SELECT origin FROM saf_queue") == []
     finally:
         s2.close()
 

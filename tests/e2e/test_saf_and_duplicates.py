@@ -261,7 +261,8 @@ async def test_a_journal_write_that_fails_leaves_no_answer_and_the_issuer_is_rev
     """The journal commit of an approved consume fails (a trigger aborts that one row): the
     terminal gets no answer (the connection is closed: no answer may exist outside the journal),
     the switch keeps serving, and the request's write-ahead intent becomes a queued reversal at
-    once, delivered to the issuer. The terminal's own 0400 finds no original: 25, final (§11)."""
+    once, delivered to the issuer. The terminal's own 0400 finds that reversal: the original was
+    "reversed by the switch", 00 with nothing more to do (§11), not 25 (no original)."""
     mocks = demo_mocks()
     icbc = mocks["ICBC"]
     before = icbc.balance_of(CARD)
@@ -273,11 +274,14 @@ async def test_a_journal_write_that_fails_leaves_no_answer_and_the_issuer_is_rev
                 await term.send_fields(mti, fields)
         async with signed_on(client(running, first_stan=500)) as term:
             assert (await do(term, "consume", CARD, 100)).code == "00"  # the switch goes on
-            assert (await term.send_fields("0400", reversal_of(term, fields))).code == "25"
+            assert (await term.send_fields("0400", reversal_of(term, fields))).code == "00"
         assert await wait_until(lambda: icbc.balance_of(CARD) == before - 100, 10.0)
         assert [(e.kind, e.amount_fen) for e in icbc.applied("consume")] == [("consume", 4_242), ("consume", 100)]
-        assert [e.reverses for e in icbc.applied("reversal")] == ["consume"]
+        assert [e.reverses for e in icbc.applied("reversal")] == ["consume"]  # once: the 0400 added none
         assert [r["kind"] for r in saf_rows(running)] == ["reversal"]
+        rows = running.store.query("SELECT response_code, note FROM journal WHERE txn = 'reversal'")
+        assert [r["response_code"] for r in rows] == ["00"]
+        assert rows[0]["note"].startswith("original never journaled")
         assert metric(exposition(running), "switch_store_write_failures_total") == 1
         assert running.store.query("SELECT COUNT(*) AS n FROM intents")[0]["n"] == 0
 
