@@ -67,6 +67,9 @@ async def reversal(state: SwitchState, ctx: Context) -> None:
     if row["state"] != "approved":
         ctx.decline(ResultCode.INVALID_STATE, f"original is {row['state']}: reverse that first")
         return
+    if int(row["refunded_fen"] or 0) > 0:
+        ctx.decline(ResultCode.INVALID_STATE, "original already (partly) refunded")
+        return
     issuers = _queue_issuer_reversals(state, ctx, row)
     _undo_side_effects(state, ctx, row)
     originals.set_state(ctx, row, "reversed")

@@ -36,6 +36,11 @@ async def void(state: SwitchState, ctx: Context) -> None:
     if not originals.same_card(state, ctx, row) or row["amount_fen"] != ctx.amount_fen:
         ctx.decline(ResultCode.MISMATCH, "another card or another amount than the original")
         return
+    if int(row["refunded_fen"] or 0) > 0:
+        # a void returns the whole amount: after a refund that would pay some of it back twice
+        # (a refund of a voided sale is 12 too, §7); after the 64 checks, which §7 lists for voids
+        ctx.decline(ResultCode.INVALID_STATE, "original already (partly) refunded")
+        return
     ctx.issuer = row["issuer"]
     pin_block = translate_pin(state, ctx)
     if ctx.rc is not None:

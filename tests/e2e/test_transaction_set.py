@@ -144,6 +144,22 @@ async def test_refund_of_a_voided_consume_is_12(demo: DemoSwitch) -> None:
         assert await available(term, ICBC_CARD) == before
 
 
+async def test_a_refunded_consume_cannot_be_voided_or_reversed(demo: DemoSwitch) -> None:
+    """A void or reversal returns the whole amount: after a refund of part of it, that part would
+    be paid back twice (the batch's credits above the sale). 12, the card's balance as after the
+    refund alone. (Found by a stress review: the void was approved.)"""
+    async with signed_on(demo.terminal()) as term:
+        consume = await do(term, "consume", ICBC_CARD, 5_000)
+        assert consume.code == "00"
+        refund = await do(term, "refund", ICBC_CARD, 1_000, pin=False, extra=void_extra(consume))
+        assert refund.code == "00"
+        after_refund = await available(term, ICBC_CARD)
+        assert (await do(term, "void", ICBC_CARD, 5_000, extra=void_extra(consume))).code == "12"
+        assert (await reverse(term, consume)).code == "12"
+        assert await available(term, ICBC_CARD) == after_refund
+    assert journal_row(demo, consume)["state"] == "approved"
+
+
 async def test_refund_with_the_wrong_date_is_25(demo: DemoSwitch) -> None:
     async with signed_on(demo.terminal()) as term:
         consume = await do(term, "consume", ICBC_CARD, 3_100)
