@@ -878,6 +878,21 @@ class SqliteStore:
 
         return dict(self._short_transaction(work))
 
+    def claim_activation_code(self, tid: str, code_hashes: tuple[str, ...]) -> bool:
+        """Use up ``tid``'s activation code (kept as one of ``code_hashes``) if it still has it,
+        atomically: True for the one request (of any process) that does, so one code activates
+        one device, whatever arrives at the same moment elsewhere."""
+        marks = ",".join("?" for _ in code_hashes)
+
+        def work(db: Any) -> bool:
+            return db.execute(
+                "UPDATE terminals SET activation_code_hash = NULL, activation_expires = NULL"
+                f" WHERE tid = ? AND state = 'awaiting_activation' AND activation_code_hash IN ({marks})"
+                " RETURNING tid", (tid, *code_hashes),
+            ).fetchone() is not None
+
+        return bool(self._short_transaction(work))
+
     # ---- RRN --------------------------------------------------------------------------------
     async def next_rrn(self) -> str:
         """12 digits, unique per store: a persistent counter handed out in reserved blocks."""

@@ -71,11 +71,13 @@ def activate(state: SwitchState, ctx: Context) -> None:
     # load is a format error
     head, public_key = f62[:8], f62[8:]
     row = None
+    hashes: tuple[str, ...] = ()
     if len(head) == 8 and head.isdigit():
+        hashes = (state.store.code_token(head.decode()), legacy_code_hash(head.decode()))
         rows = state.store.query(
             "SELECT t.tid, t.mid, t.role, t.main_tid, t.state, t.activation_expires, m.state AS merchant_state,"
             " m.shop_name FROM terminals t JOIN merchants m ON m.mid = t.mid WHERE t.activation_code_hash IN (?, ?)",
-            (state.store.code_token(head.decode()), legacy_code_hash(head.decode())),
+            hashes,
         )
         row = rows[0] if rows else None
     if row is None or row["state"] != "awaiting_activation" or (row["activation_expires"] or 0) < time.time():
@@ -102,6 +104,12 @@ def activate(state: SwitchState, ctx: Context) -> None:
         ctx.decline(ResultCode.FORMAT_ERROR, "F62 does not hold a 2048-bit RSA public key")
         return
     tid = str(row["tid"])
+    # the code is used up here, once, before the answer: another request with the same code at
+    # the same moment (in this process or another on the store) finds it gone. If this request's
+    # journal commit then fails, the terminal needs a new code (switch terminal new-code).
+    if not state.store.claim_activation_code(tid, hashes):
+        ctx.decline(ResultCode.TERMINAL_INVALID, "activation code used by a concurrent request")
+        return
     terminal = state.terminals.get(tid) or Terminal(tid, str(row["mid"]), str(row["role"]), row["main_tid"], "active")
     terminal.state = "active"
     terminal.tmk = tmk

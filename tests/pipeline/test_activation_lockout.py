@@ -180,3 +180,21 @@ async def test_a_code_kept_by_an_older_version_still_activates(harness: Harness)
                              (legacy_code_hash(RIGHT_CODE),))
     assert await activate(harness.manager, wrong_code(1), NEIGHBOUR, 1) == "97"
     assert await activate(harness.manager, RIGHT_CODE, NEIGHBOUR, 2) == "00"
+
+
+async def test_one_code_activates_one_device_when_two_arrive_at_once(harness: Harness) -> None:
+    """Two devices send 20000002's code at the same moment (other STANs, other keys): one gets the
+    TMK, the other 97, in one process as across processes (the code is used up atomically in the
+    store before the answer; before, both read it before either commit and both got a TMK, found
+    by a stress review with two processes). The loser meets a used code, counted as any is."""
+    got: list[str] = []
+
+    async def one(stan: int, peer: str) -> None:
+        got.append(await activate(harness.manager, RIGHT_CODE, peer, stan))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, 1, ATTACKER)
+        tg.start_soon(one, 2, NEIGHBOUR)
+    assert sorted(got) == ["00", "97"]
+    rows = harness.store.query("SELECT state, activation_code_hash FROM terminals WHERE tid = '20000002'")
+    assert (rows[0]["state"], rows[0]["activation_code_hash"]) == ("active", None)
