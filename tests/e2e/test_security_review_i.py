@@ -42,7 +42,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +69,9 @@ SEEN: dict[str, str] = {}
 
 # ---- helpers -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoSwitch]:
-    """A demo switch of this module (admin API and portal on)."""
-    demo = DemoSwitch(tmp_path_factory.mktemp("secrev"))
-    demo.start()
-    try:
-        yield demo
-    finally:
-        demo.kill()
+def sw(demo: DemoSwitch) -> DemoSwitch:
+    """The module's demo switch (conftest's ``demo``: admin API and portal on)."""
+    return demo
 
 
 class PortalSession:
